@@ -1,0 +1,26 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: run test lint clean
+
+# The venv is made, and the package installed with its test and lint extras, when missing.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,lint]'
+	touch $@
+
+run: $(VENV)/.installed  ## the service with its embedded default (demo tools, demo project)
+	$(PY) -m streamsvc server $(ARGS)
+
+test: $(VENV)/.installed  ## the whole test suite
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check streamsvc tests scripts
+	$(VENV)/bin/ruff format --check streamsvc tests scripts
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""`python -m streamsvc server [--config FILE] [--host H] [--port P]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import attrs
+from aiohttp import web
+
+from .app import create_app
+from .config import Config, ConfigError
+
+
+def load_config(path: str | None, host: str | None, port: int | None) -> Config:
+    path = path or os.environ.get("STREAMSVC_CONFIG")
+    config = Config.from_toml(Path(path)) if path else Config.embedded_default()
+    server = config.server
+    if host is not None:
+        server = attrs.evolve(server, host=host)
+    if port is not None:
+        server = attrs.evolve(server, port=port)
+    return attrs.evolve(config, server=server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamsvc", description="Run tools on code, stream their output.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    server = commands.add_parser("server", help="run the service")
+    server.add_argument("--config", help="TOML file (default: $STREAMSVC_CONFIG, else the embedded demo)")
+    server.add_argument("--host")
+    server.add_argument("--port", type=int)
+    server.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, args.host, args.port)
+    except ConfigError as exc:
+        print(f"streamsvc: config error: {exc}", file=sys.stderr)
+        return 2
+    url = f"http://{config.server.host}:{config.server.port}"
+    print(f"streamsvc: serving on {url} (tools: {', '.join(config.tools) or 'none'})", flush=True)
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        print=None,
+        handler_cancellation=True,
+        shutdown_timeout=5,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""HTTP handlers and the two middlewares (error envelope, bearer auth)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from .config import Config
+from .errors import (
+    BadRequest,
+    StreamsvcError,
+    Unauthorized,
+    UnknownJob,
+    UnsupportedMediaType,
+)
+from .models import JobStatus
+from .pool import WorkerPool
+from .projects import Projects
+from .registry import Session, SessionRegistry, make_response
+from .store import JobStore
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+POOL = web.AppKey("pool", WorkerPool)
+STORE = web.AppKey("store", JobStore)
+PROJECTS = web.AppKey("projects", Projects)
+REGISTRY = web.AppKey("registry", SessionRegistry)
+
+MAX_ID_CHARS = 200
+MAX_LIST_LIMIT = 1000
+#: the largest JSON body any route takes
+MAX_JSON_BYTES = 64 * 1024
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+routes = web.RouteTableDef()
+
+
+def ok(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"data": data}, status=status, headers=headers)
+
+
+@web.middleware
+async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes the JSON envelope; nothing reaches a client as a traceback."""
+    try:
+        return await handler(request)
+    except StreamsvcError as exc:
+        return web.json_response(exc.envelope(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        body = {"error": {"type": "user_error", "code": code, "message": exc.reason}}
+        return web.json_response(body, status=exc.status)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        body = {"error": {"type": "system_error", "code": "internal", "message": "internal error"}}
+        return web.json_response(body, status=500)
+
+
+@web.middleware
+async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With `auth_token` set, every /api/ route needs it (the stream route also as ?token=)."""
+    token = request.app[CONFIG].server.auth_token
+    if token and request.path.startswith("/api/"):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not given and request.path.startswith("/api/stream/"):
+            given = request.query.get("token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise Unauthorized("missing or wrong bearer token")
+    return await handler(request)
+
+
+async def read_json(request: web.Request, fields: tuple[str, ...]) -> dict[str, str]:
+    """A JSON object with exactly `fields`, each a short string without NUL."""
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise BadRequest(f"unknown field: {unknown[0][:MAX_ID_CHARS]!r}")
+    for name in fields:
+        value = body.get(name)
+        if not isinstance(value, str) or not value:
+            raise BadRequest(f"{name} must be a non-empty string")
+        if len(value) > MAX_ID_CHARS or "\0" in value:
+            raise BadRequest(f"{name} must be at most {MAX_ID_CHARS} characters, without NUL")
+    return body
+
+
+def job_id_of(request: web.Request) -> str:
+    job_id = request.match_info["jobId"]
+    if job_id not in request.app[STORE].jobs:
+        raise UnknownJob(job_id[:MAX_ID_CHARS])
+    return job_id
+
+
+@routes.post("/api/execute")
+async def execute(request: web.Request) -> web.Response:
+    body = await read_json(request, ("toolId", "projectId"))
+    job = request.app[POOL].submit(body["toolId"], body["projectId"])
+    job_url = f"/api/jobs/{job.job_id}"
+    data = {"jobId": job.job_id, "status": job.status.value, "streamUrl": f"/api/stream/{job.job_id}", "jobUrl": job_url}
+    return ok(data, status=202, headers={"Location": job_url})
+
+
+@routes.get("/api/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    status = _query_status(request.query.get("status"))
+    limit = _query_int(request.query.get("limit"), "limit", default=100, high=MAX_LIST_LIMIT)
+    pool = request.app[POOL]
+    jobs = []
+    for job in request.app[STORE].newest(status):
+        if len(jobs) == limit:
+            break
+        jobs.append(pool.job_json(job))
+    return ok(jobs)
+
+
+@routes.get("/api/jobs/{jobId}")
+async def get_job(request: web.Request) -> web.Response:
+    job = request.app[STORE].get(job_id_of(request))
+    return ok(request.app[POOL].job_json(job))
+
+
+@routes.delete("/api/jobs/{jobId}")
+async def cancel_job(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    job = pool.cancel(job_id_of(request))
+    return ok(pool.job_json(job), status=202)
+
+
+@routes.get("/api/jobs/{jobId}/log")
+async def job_log(request: web.Request) -> web.StreamResponse:
+    joblog = request.app[STORE].log(job_id_of(request))
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    chunk: list[str] = []
+    size = 0
+    for line in joblog.output_lines():
+        chunk.append(line + "\n")
+        size += len(line) + 1
+        if size >= 64 * 1024:
+            await response.write("".join(chunk).encode())
+            chunk, size = [], 0
+    await response.write("".join(chunk).encode())
+    await response.write_eof()
+    return response
+
+
+@routes.get("/api/stream/{jobId}")
+async def stream(request: web.Request) -> web.StreamResponse:
+    job_id = job_id_of(request)
+    config = request.app[CONFIG]
+    store = request.app[STORE]
+    cursor = _last_event_id(request)
+    tool = config.tools.get(store.get(job_id).tool_id)
+    heartbeat_s = (tool.limits if tool else config.limits).heartbeat_s
+    response = make_response(heartbeat_s, config.server.stream_stall_s)
+    await response.prepare(request)
+    session = Session(job_id, response, store.log(job_id), cursor)
+    with request.app[REGISTRY].open(session):
+        async with response:
+            await session.serve(config.server.retry_ms, config.server.stream_stall_s)
+    return response
+
+
+@routes.get("/api/queue/status")
+async def queue_status(request: web.Request) -> web.Response:
+    return ok(request.app[POOL].status())
+
+
+@routes.get("/api/tools")
+async def tools(request: web.Request) -> web.Response:
+    tools = request.app[CONFIG].tools.values()
+    return ok([{"id": t.id, "description": t.description, "timeoutMs": round(t.limits.timeout_s * 1000)} for t in tools])
+
+
+@routes.get("/api/projects")
+async def projects(request: web.Request) -> web.Response:
+    return ok([{"projectId": pid, "uploaded": False} for pid in request.app[PROJECTS].ids()])
+
+
+@routes.get("/api/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    text = resources.files("streamsvc").joinpath("openapi.json").read_text(encoding="utf-8")
+    return web.Response(text=text, content_type="application/json")
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return ok({"status": "ok"})
+
+
+def _last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID", request.query.get("lastEventId", ""))
+    return _query_int(raw or None, "Last-Event-ID", default=0, high=10**15, low=0)
+
+
+def _query_int(raw: str | None, name: str, *, default: int, high: int, low: int = 1) -> int:
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 16 or not low <= int(raw) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}, got {raw[:40]!r}")
+    return int(raw)
+
+
+def _query_status(raw: str | None) -> JobStatus | None:
+    if raw is None:
+        return None
+    try:
+        return JobStatus(raw)
+    except ValueError:
+        names = ", ".join(status.value for status in JobStatus)
+        raise BadRequest(f"status must be one of {names}") from None

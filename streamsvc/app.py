@@ -1,0 +1,42 @@
+"""The application factory: wires the pieces together, nothing more."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .api import CONFIG, MAX_JSON_BYTES, POOL, PROJECTS, REGISTRY, STORE, bearer_auth, error_envelope, routes
+from .config import Config
+from .pool import WorkerPool
+from .projects import Projects
+from .registry import SessionRegistry
+from .store import JobStore
+
+SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID to resume"
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[error_envelope, bearer_auth], client_max_size=MAX_JSON_BYTES)
+    store = JobStore(config.server.data_dir, config.server.retention_jobs)
+    projects = Projects(config.projects.root)
+    app[CONFIG] = config
+    app[STORE] = store
+    app[PROJECTS] = projects
+    app[POOL] = WorkerPool(config, store, projects)
+    app[REGISTRY] = SessionRegistry()
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_pool_lifetime)
+    app.on_shutdown.append(_close_streams)
+    return app
+
+
+async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
+    await app[POOL].start()
+    yield
+    await app[POOL].stop()
+
+
+async def _close_streams(app: web.Application) -> None:
+    app[POOL].close()
+    app[REGISTRY].close_all(SHUTDOWN_MESSAGE)

@@ -1,0 +1,206 @@
+"""A job's event log: the single source of truth for everything a subscriber sees.
+
+Events are numbered 1..n and stored as ready-to-send SSE frames, encoded once. The
+bytes go to a file (the durable log) and the newest stay in a bounded in-memory window,
+so a subscriber's cursor is just a sequence number: replay, resume, fan-out and a slow
+subscriber catching up are the same read, `frames_after(seq)`, answered from memory
+when the bytes are still there and from the file otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import os
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+#: event kinds that end a job's stream
+TERMINAL = frozenset({"complete", "error"})
+
+#: bytes of the newest frames kept in memory per log (older ones are read from the file)
+MEMORY_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {seq}\nevent: {kind}\ndata: {payload}\n\n".encode()
+
+
+def parse_frames(blob: bytes) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(seq, kind, data) of every complete frame in `blob`, which holds whole frames."""
+    for frame in blob.split(b"\n\n"):
+        if not frame:
+            continue
+        fields = dict(line.split(": ", 1) for line in frame.decode().split("\n"))
+        yield int(fields["id"]), fields["event"], json.loads(fields["data"])
+
+
+class EventLog(Protocol):
+    """What a stream needs from a job's log; Redis Streams can implement it too."""
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]: ...
+
+    def changed(self) -> asyncio.Future[None]: ...
+
+
+class JobLog:
+    """The in-process `EventLog`: an append-only file plus a window of it in memory."""
+
+    def __init__(self, path: Path, ends: array[int], finished: bool) -> None:
+        self.path = path
+        #: ends[i] is the file offset just past frame i (ends[0] == 0)
+        self._ends = ends
+        self._window = bytearray()
+        self._window_start = ends[-1]
+        self._finished = finished
+        self._fd: int | None = None
+        self._changed: asyncio.Future[None] | None = None
+
+    @classmethod
+    def create(cls, path: Path) -> JobLog:
+        """A new, empty log at `path` (an existing file there is replaced)."""
+        log = cls(path, array("q", [0]), finished=False)
+        log._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        return log
+
+    @classmethod
+    def load(cls, path: Path) -> JobLog:
+        """Read a log back from its file; a torn last frame (a crash mid-write) is cut off."""
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            blob = b""
+        ends = array("q", [0])
+        kind = ""
+        start = 0
+        while (stop := blob.find(b"\n\n", start)) != -1:
+            ends.append(stop + 2)
+            kind_at = blob.find(b"\nevent: ", start, stop) + 8
+            kind = blob[kind_at : blob.find(b"\n", kind_at)].decode()
+            start = stop + 2
+        if start < len(blob):
+            os.truncate(path, start)
+        return cls(path, ends, finished=kind in TERMINAL)
+
+    def reopen(self) -> None:
+        """Make a loaded, unfinished log appendable again (to end it after a crash)."""
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    @property
+    def last_seq(self) -> int:
+        return len(self._ends) - 1
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def append(self, kind: str, data: dict[str, Any]) -> int:
+        self.extend([(kind, data)])
+        return self.last_seq
+
+    def extend(self, events: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Number, encode and store a batch of events with one write."""
+        if self._finished or self._fd is None:
+            raise RuntimeError(f"{self.path.name}: the log is closed")
+        seq = self.last_seq
+        end = self._ends[-1]
+        frames = []
+        ends = array("q")
+        terminal = False
+        for kind, data in events:
+            seq += 1
+            frame = encode_frame(seq, kind, data | {"seq": seq} if kind == "output" else data)
+            frames.append(frame)
+            end += len(frame)
+            ends.append(end)
+            terminal = terminal or kind in TERMINAL
+        blob = b"".join(frames)
+        _write_all(self._fd, blob)
+        self._ends.extend(ends)
+        self._remember(blob)
+        if terminal:
+            self._finish()
+        self._wake()
+
+    def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]:
+        """The frames after `seq`, at most about `max_bytes` (at least one), and the new cursor."""
+        if seq >= self.last_seq:
+            return b"", seq
+        seq = max(seq, 0)
+        start = self._ends[seq]
+        upto = bisect.bisect_right(self._ends, start + max_bytes, lo=seq + 1) - 1
+        upto = min(max(upto, seq + 1), self.last_seq)
+        stop = self._ends[upto]
+        if start >= self._window_start:
+            return bytes(self._window[start - self._window_start : stop - self._window_start]), upto
+        with open(self.path, "rb") as file:
+            file.seek(start)
+            return file.read(stop - start), upto
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future that resolves at the next append (or when the log is finished)."""
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+            if self._finished:
+                self._changed.set_result(None)
+        return self._changed
+
+    def output_lines(self) -> Iterator[str]:
+        """Every output line in order (for the plain-text log)."""
+        for _, kind, data in self.events():
+            if kind == "output":
+                yield data["line"]
+
+    def events(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """Every event, parsed back from its frame, in order."""
+        for seq in range(0, self.last_seq, 512):
+            upto = min(seq + 512, self.last_seq)
+            blob, _ = self.frames_after(seq, self._ends[upto] - self._ends[seq])
+            yield from parse_frames(blob)
+
+    def close(self) -> None:
+        """Release the file (the job is over or the service stops); readers stay served."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._window = bytearray()
+        self._window_start = self._ends[-1]
+
+    def abandon(self) -> None:
+        """End the log without a terminal event: its file can no longer be written."""
+        self._finish()
+        self._wake()
+
+    def _remember(self, blob: bytes) -> None:
+        self._window += blob
+        excess = len(self._window) - MEMORY_WINDOW_BYTES
+        if excess > 0:
+            drop = excess + MEMORY_WINDOW_BYTES // 2
+            del self._window[:drop]
+            self._window_start += drop
+
+    def _finish(self) -> None:
+        self._finished = True
+        self.close()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            if not self._changed.done():
+                self._changed.set_result(None)
+            self._changed = None
+
+
+def _write_all(fd: int, blob: bytes) -> None:
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,206 @@
+"""The job queue: N asyncio workers over a bounded, ordered queue of accepted jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Config, ToolConfig
+from .errors import JobFinished, QueueFull, ShuttingDown, UnknownTool
+from .models import Job, JobStatus
+from .projects import Projects
+from .runner import Outcome, Run, RunSpec
+from .sandbox import Sandbox
+from .store import LOST_MESSAGE, JobStore, lost_events, now_ms
+
+log = logging.getLogger(__name__)
+
+#: finished jobs whose durations feed the wait estimate
+RECENT_DURATIONS = 50
+
+
+class WorkerPool:
+    """Owns every job from acceptance to its end: the queue, the workers, the runs."""
+
+    def __init__(self, config: Config, store: JobStore, projects: Projects) -> None:
+        self.config = config
+        self.store = store
+        self.projects = projects
+        self.sandbox = Sandbox({}, None)
+        self._pending: dict[str, Job] = {}
+        self._runs: dict[str, Run] = {}
+        self._work = asyncio.Event()
+        self._workers: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._durations_ms: deque[int] = deque(maxlen=RECENT_DURATIONS)
+        self.finished_counts = {status: 0 for status in JobStatus if status.finished}
+
+    async def start(self) -> None:
+        self.sandbox = Sandbox.detect(self.config.server.run_as)
+        for job in self.store.recover():
+            self._pending[job.job_id] = job
+        for job in self.store.jobs.values():
+            if job.status.finished:
+                self.finished_counts[job.status] += 1
+        self._workers = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.config.queue.workers)]
+        self._work.set()
+
+    def close(self) -> None:
+        """Accept no more jobs and start no more (the service is shutting down)."""
+        self._closing = True
+        self._work.set()
+
+    async def stop(self) -> None:
+        """Accept nothing more; end running jobs as `lost` (their group killed); queued jobs
+        stay queued on disk and run after a restart."""
+        self.close()
+        for run in self._runs.values():
+            run.stop(JobStatus.LOST, LOST_MESSAGE)
+        self._work.set()
+        grace = max((run.spec.limits.kill_grace_s for run in self._runs.values()), default=0)
+        await asyncio.wait(self._workers, timeout=grace + 5) if self._workers else None
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self.store.close()
+        self.sandbox.close()
+
+    def submit(self, tool_id: str, project_id: str) -> Job:
+        """Accept a job: checked now (unknown tool or project, full queue), run later."""
+        if self._closing:
+            raise ShuttingDown()
+        self.tool(tool_id)
+        self.projects.resolve(project_id)
+        if len(self._pending) >= self.config.queue.max_pending:
+            raise QueueFull(len(self._pending), self._retry_after_s())
+        job = self.store.add(tool_id, project_id)
+        self._pending[job.job_id] = job
+        self._work.set()
+        log.info("job %s queued: tool=%s project=%s", job.job_id, tool_id, project_id)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job.status.finished:
+            raise JobFinished(job_id, job.status.value)
+        if job.job_id in self._pending:
+            del self._pending[job.job_id]
+            self._finish(job, Outcome(JobStatus.CANCELLED, error="cancelled before it started"), output=())
+        elif job.job_id in self._runs:
+            self._runs[job.job_id].stop(JobStatus.CANCELLED, "cancelled while running")
+        return job
+
+    def tool(self, tool_id: str) -> ToolConfig:
+        try:
+            return self.config.tools[tool_id]
+        except (KeyError, TypeError):
+            raise UnknownTool(tool_id) from None
+
+    def position(self, job_id: str) -> int | None:
+        """1-based place in the queue of a queued job."""
+        for place, queued_id in enumerate(self._pending, start=1):
+            if queued_id == job_id:
+                return place
+        return None
+
+    def estimated_wait_ms(self, position: int) -> int:
+        """The origin design's estimate: whole waves of `workers` jobs of recent mean length."""
+        workers = self.config.queue.workers
+        if position <= workers - len(self._runs):
+            return 0
+        mean = sum(self._durations_ms) / len(self._durations_ms) if self._durations_ms else 0
+        return round(math.ceil(position / workers) * mean)
+
+    def job_json(self, job: Job) -> dict[str, Any]:
+        position = self.position(job.job_id) if job.status is JobStatus.QUEUED else None
+        wait = self.estimated_wait_ms(position) if position is not None else None
+        return job.to_json(position, wait)
+
+    def status(self) -> dict[str, Any]:
+        position = len(self._pending) + 1
+        wait_ms = self.estimated_wait_ms(position)
+        counts = {status.value: self.finished_counts[status] for status in
+                  (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT)}
+        return {
+            "concurrency": self.config.queue.workers,
+            "running": len(self._runs),
+            "pending": len(self._pending),
+            "maxPending": self.config.queue.max_pending,
+            "position": position,
+            "estimatedWaitMs": wait_ms,
+            "estimatedWaitSec": math.ceil(wait_ms / 1000),
+        } | counts
+
+    async def _worker(self) -> None:
+        while not self._closing:
+            if not self._pending:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            job = self._pending.pop(next(iter(self._pending)))
+            await self._run(job)
+
+    async def _run(self, job: Job) -> None:
+        tool = self.config.tools.get(job.tool_id)
+        joblog = self.store.log(job.job_id)
+        tail: deque[str] = deque(maxlen=tool.limits.max_result_lines if tool else 0)
+
+        def sink(batch: Sequence[tuple[str, str]]) -> None:
+            timestamp = now_ms()
+            joblog.extend(("output", {"line": line, "stream": stream, "timestamp": timestamp}) for stream, line in batch)
+            job.output_lines += len(batch)
+            tail.extend(line for _, line in batch)
+
+        job.transition(JobStatus.RUNNING)
+        self.store.save(job)
+        joblog.append("status", {"status": "running", "timestamp": now_ms()})
+        log.info("job %s running", job.job_id)
+        outcome = await self._execute(job, tool, sink)
+        self._finish(job, outcome, tail)
+
+    async def _execute(self, job: Job, tool: ToolConfig | None, sink: Any) -> Outcome:
+        if tool is None:  # the tool left the config between two runs of the service
+            return Outcome(JobStatus.FAILED, error=f"tool {job.tool_id!r} is no longer configured")
+        try:
+            folder = self.projects.resolve(job.project_id)
+        except Exception:
+            return Outcome(JobStatus.FAILED, error=f"project {job.project_id!r} no longer exists")
+        spec = RunSpec(tool.argv, folder / tool.cwd, RunSpec.clean_env(dict(tool.env)), tool.limits)
+        run = Run(spec, self.sandbox, sink)
+        self._runs[job.job_id] = run
+        try:
+            outcome = await run.execute()
+        finally:
+            del self._runs[job.job_id]
+        job.output_bytes = run.output_bytes
+        return outcome
+
+    def _finish(self, job: Job, outcome: Outcome, output: Sequence[str]) -> None:
+        job.exit_code, job.signal, job.truncated = outcome.exit_code, outcome.signal, outcome.truncated
+        job.transition(outcome.status, error=outcome.error)
+        if job.duration_ms is not None and outcome.status is not JobStatus.LOST:
+            self._durations_ms.append(job.duration_ms)
+        self.finished_counts[job.status] += 1
+        joblog = self.store.log(job.job_id)
+        if outcome.status is JobStatus.LOST:
+            events = lost_events(job)
+        else:
+            events = [
+                ("status", {"status": job.status.value, "timestamp": now_ms()}),
+                ("complete", job.execution_response(output)),
+            ]
+        try:
+            joblog.extend(events)
+        except OSError:
+            joblog.abandon()  # subscribers end; the record below still tells the outcome
+        self.store.save(job)
+        log.info("job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value,
+                 job.exit_code, job.signal, job.error)
+
+    def _retry_after_s(self) -> int:
+        mean_ms = sum(self._durations_ms) / len(self._durations_ms) if self._durations_ms else 1000
+        return max(1, math.ceil(mean_ms / 1000))

@@ -1,0 +1,218 @@
+"""One job's subprocess: start it confined, split its output into lines, end it for sure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from attrs import define, frozen
+
+from .config import Limits
+from .models import JobStatus
+from .sandbox import Jail, Sandbox
+
+READ_CHUNK_BYTES = 256 * 1024
+#: how long a killed process tree may take to be gone before we stop waiting for it
+REAP_BOUND_S = 10.0
+BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+#: a batch of output: (stream name, line) in arrival order
+Sink = Callable[[Sequence[tuple[str, str]]], None]
+
+
+@frozen
+class RunSpec:
+    argv: tuple[str, ...]
+    cwd: Path
+    env: dict[str, str]
+    limits: Limits
+
+    @staticmethod
+    def clean_env(extra: dict[str, str]) -> dict[str, str]:
+        """PATH, HOME and LANG, then what the tool's config names: nothing of the server's."""
+        return {"PATH": BASE_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"} | dict(extra)
+
+
+@frozen
+class Outcome:
+    status: JobStatus
+    exit_code: int | None = None
+    signal: str | None = None
+    error: str | None = None
+    truncated: bool = False
+
+
+@define
+class _Stop:
+    status: JobStatus
+    error: str
+
+
+class Run:
+    """Runs one tool process. `stop()` ends it early (cancel, shutdown); `execute()` returns
+    only when the process and every descendant it left are gone and both pipes are drained."""
+
+    def __init__(self, spec: RunSpec, sandbox: Sandbox, sink: Sink) -> None:
+        self.spec = spec
+        self.sandbox = sandbox
+        self.sink = sink
+        self.output_bytes = 0
+        self._stop: _Stop | None = None
+        self._stopped = asyncio.Event()
+        self._truncated = False
+
+    def stop(self, status: JobStatus, error: str) -> None:
+        """Ask the run to end with `status` (the first reason given wins)."""
+        if self._stop is None:
+            self._stop = _Stop(status, error)
+            self._stopped.set()
+
+    async def execute(self) -> Outcome:
+        jail = self.sandbox.jail(self.spec.limits)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.spec.argv,
+                cwd=self.spec.cwd,
+                env=self.spec.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=jail.preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            await _empty(jail)
+            reason = getattr(exc, "strerror", None) or str(exc)
+            return Outcome(JobStatus.FAILED, error=f"cannot start {self.spec.argv[0]!r}: {reason}")
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            asyncio.create_task(self._pump(proc.stdout, "stdout")),
+            asyncio.create_task(self._pump(proc.stderr, "stderr")),
+        ]
+        try:
+            await self._supervise(proc)
+        finally:
+            await self._finish(proc, jail, pumps)
+        return self._outcome(proc.returncode, jail)
+
+    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+        """Wait for the exit, a stop or the timeout; on the last two, TERM then KILL the group."""
+        exited = asyncio.ensure_future(proc.wait())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        try:
+            await asyncio.wait({exited, stopped}, timeout=self.spec.limits.timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if exited.done():
+                return
+            self.stop(JobStatus.TIMEOUT, f"timed out after {self.spec.limits.timeout_s:g} s")
+            _signal_group(proc.pid, signal.SIGTERM)
+            await asyncio.wait({exited}, timeout=self.spec.limits.kill_grace_s)
+        finally:
+            stopped.cancel()
+            if not exited.done():
+                _signal_group(proc.pid, signal.SIGKILL)
+                await asyncio.wait({exited}, timeout=REAP_BOUND_S)
+                exited.cancel()
+
+    async def _finish(self, proc: asyncio.subprocess.Process, jail: Jail, pumps: list[asyncio.Task[None]]) -> None:
+        """Kill whatever the tool left running, drain the pipes, release the jail."""
+        _signal_group(proc.pid, signal.SIGKILL)
+        jail.kill_all()
+        _, pending = await asyncio.wait(pumps, timeout=self.spec.limits.kill_grace_s + 1)
+        for pump in pending:  # a descendant outside our reach still holds a pipe
+            pump.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await _empty(jail)
+
+    def _outcome(self, returncode: int | None, jail: Jail) -> Outcome:
+        exit_code = returncode if returncode is not None and returncode >= 0 else None
+        sig = signal.Signals(-returncode).name if returncode is not None and returncode < 0 else None
+        if self._stop is not None:
+            status, error = self._stop.status, self._stop.error
+        elif returncode == 0:
+            status, error = JobStatus.COMPLETED, None
+        else:
+            status = JobStatus.FAILED
+            if jail.out_of_memory():
+                error = f"memory limit exceeded ({self.spec.limits.max_memory_bytes} bytes)"
+            elif sig is not None:
+                error = f"killed by {sig}"
+            else:
+                error = f"exited with status {exit_code}"
+        return Outcome(status, exit_code, sig, error, self._truncated)
+
+    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
+        """Read a pipe in large chunks and hand complete lines to the sink in batches."""
+        max_line = self.spec.limits.max_line_bytes
+        partial = b""
+        while chunk := await stream.read(READ_CHUNK_BYTES):
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            while len(partial) > max_line:
+                head, partial = _split_at(partial, max_line)
+                lines.append(head)
+            self._emit(name, lines)
+        if partial:
+            self._emit(name, [partial])
+
+    def _emit(self, name: str, raw_lines: list[bytes]) -> None:
+        if self._truncated:
+            return  # over the cap: the rest is drained and dropped while the tree is killed
+        max_line = self.spec.limits.max_line_bytes
+        cap = self.spec.limits.max_output_bytes
+        batch = []
+        for raw in raw_lines:
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            for piece in _pieces(raw, max_line):
+                if self.output_bytes + len(piece) + 1 > cap:
+                    self._truncated = True
+                    self.stop(JobStatus.FAILED, f"output exceeded max_output_bytes ({cap} bytes); the job was stopped")
+                    break
+                self.output_bytes += len(piece) + 1
+                batch.append((name, piece.decode("utf-8", "replace")))
+            if self._truncated:
+                break
+        if batch:
+            try:
+                self.sink(batch)
+            except OSError as exc:
+                self._truncated = True
+                self.stop(JobStatus.FAILED, f"cannot write the job log: {exc.strerror}")
+
+
+def _pieces(raw: bytes, max_line: int) -> list[bytes]:
+    pieces = []
+    while len(raw) > max_line:
+        head, raw = _split_at(raw, max_line)
+        pieces.append(head)
+    pieces.append(raw)
+    return pieces
+
+
+def _split_at(raw: bytes, limit: int) -> tuple[bytes, bytes]:
+    """Split before `limit`, backing off so a UTF-8 character is not cut in two."""
+    cut = limit
+    while cut > limit - 3 and (raw[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return raw[:cut], raw[cut:]
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _empty(jail: Jail) -> None:
+    """Remove the job's cgroups once their last process is gone (bounded)."""
+    for _ in range(50):
+        jail.kill_all()
+        jail.remove()
+        if not any(group.exists() for group in jail.groups.values()):
+            return
+        await asyncio.sleep(0.02)

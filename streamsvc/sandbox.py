@@ -1,0 +1,187 @@
+"""Confinement of a tool's process tree: resource limits, an unprivileged user, cgroups.
+
+Resource limits (`setrlimit`) bind each process. Where the host lets the service create
+cgroup-v1 groups (as root on most Linux hosts), every job also gets its own `pids` group
+(a process limit that holds for root too, and a list of every process of the job, even
+one that escaped its process group with `setsid`) and its own `memory` group (a memory
+limit for the whole tree).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import resource
+import signal
+import uuid
+from pathlib import Path
+
+from attrs import frozen
+
+from .config import Limits
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CONTROLLERS = ("pids", "memory")
+
+
+@frozen
+class Sandbox:
+    """The host's means of confinement, found once at start-up."""
+
+    #: per controller, the folder this service's job groups are created in
+    cgroup_parents: dict[str, Path]
+    #: (uid, gid) tools run as, or None to keep the service's user
+    user: tuple[int, int] | None
+
+    @classmethod
+    def detect(cls, run_as: str) -> Sandbox:
+        user = None
+        if run_as and os.geteuid() == 0:
+            entry = pwd.getpwnam(run_as)
+            user = (entry.pw_uid, entry.pw_gid)
+        parents = {}
+        for controller in CONTROLLERS:
+            parent = _make_parent(controller)
+            if parent is not None:
+                parents[controller] = parent
+        if os.geteuid() == 0 and "pids" not in parents and user is None:
+            log.warning("running as root without a pids cgroup: max_processes cannot bind")
+        return cls(parents, user)
+
+    def jail(self, limits: Limits) -> Jail:
+        name = uuid.uuid4().hex
+        groups: dict[str, Path] = {}
+        for controller, parent in self.cgroup_parents.items():
+            group = parent / name
+            try:
+                group.mkdir()
+                if controller == "pids":
+                    (group / "pids.max").write_text(str(limits.max_processes))
+                else:
+                    (group / "memory.limit_in_bytes").write_text(str(limits.max_memory_bytes))
+            except OSError as exc:
+                log.warning("cgroup %s unavailable for a job: %s", group, exc)
+                _remove_group(group)
+                continue
+            groups[controller] = group
+        return Jail(groups, limits, self.user)
+
+    def close(self) -> None:
+        for parent in self.cgroup_parents.values():
+            for group in parent.iterdir():
+                if group.is_dir():
+                    _kill_group(group)
+                    _remove_group(group)
+            _remove_group(parent)
+
+
+class Jail:
+    """One job's confinement: applied in the child before exec, emptied when the job ends."""
+
+    def __init__(self, groups: dict[str, Path], limits: Limits, user: tuple[int, int] | None) -> None:
+        self.groups = groups
+        self.limits = limits
+        self.user = user
+
+    def preexec(self) -> None:
+        """Runs in the forked child, before exec: join the groups, set limits, drop root."""
+        for group in self.groups.values():
+            with open(group / "cgroup.procs", "w") as procs:
+                procs.write(str(os.getpid()))
+        limits = self.limits
+        _limit(resource.RLIMIT_CPU, limits.max_cpu_s)
+        _limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
+        _limit(resource.RLIMIT_NPROC, limits.max_processes)
+        _limit(resource.RLIMIT_CORE, 0)
+        if "memory" not in self.groups:
+            _limit(resource.RLIMIT_AS, limits.max_memory_bytes)
+        if self.user is not None:
+            uid, gid = self.user
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the job that is still in its groups."""
+        for group in self.groups.values():
+            _kill_group(group)
+
+    def out_of_memory(self) -> bool:
+        group = self.groups.get("memory")
+        if group is None:
+            return False
+        with contextlib.suppress(OSError, ValueError):
+            return int((group / "memory.failcnt").read_text()) > 0
+        return False
+
+    def remove(self) -> None:
+        for group in self.groups.values():
+            _remove_group(group)
+
+
+def _limit(which: int, value: int) -> None:
+    soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        value = min(value, hard)
+    resource.setrlimit(which, (value, hard if which == resource.RLIMIT_CPU else value))
+
+
+def _own_path(controller: str) -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, names, path = line.split(":", 2)
+            if controller in names.split(","):
+                return path.lstrip("/")
+    return ""
+
+
+def _make_parent(controller: str) -> Path | None:
+    base = CGROUP_ROOT / controller / _own_path(controller)
+    if not (base / "cgroup.procs").exists():
+        return None
+    _reap_stale(base)
+    parent = base / f"streamsvc-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        parent.mkdir()
+    except OSError:
+        return None
+    return parent
+
+
+def _reap_stale(base: Path) -> None:
+    """Kill what a dead service's jobs left behind (it was killed with SIGKILL)."""
+    for parent in base.glob("streamsvc-*"):
+        pid = int(parent.name.split("-")[1])
+        if _alive(pid):
+            continue
+        for group in parent.iterdir():
+            if group.is_dir():
+                _kill_group(group)
+                _remove_group(group)
+        _remove_group(parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _kill_group(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def _remove_group(group: Path) -> None:
+    with contextlib.suppress(OSError):
+        group.rmdir()

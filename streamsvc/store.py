@@ -1,0 +1,155 @@
+"""Job records and their logs under `data_dir/jobs`: durable, atomic, bounded in number."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import StorageError, UnknownJob
+from .joblog import JobLog
+from .models import Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+#: finished logs kept open (their index in memory) for quick replay
+CACHED_LOGS = 64
+LOST_MESSAGE = "the service stopped while the job ran"
+
+
+class JobStore:
+    """Every job the service knows, newest last, each with a record file and a log file.
+
+    A record is replaced atomically (written aside, then renamed), so a crash at any
+    instant leaves the old record or the new one, never a torn one."""
+
+    def __init__(self, data_dir: Path, retention_jobs: int) -> None:
+        self.dir = data_dir / "jobs"
+        self.retention_jobs = retention_jobs
+        self.jobs: dict[str, Job] = {}
+        self._hot: dict[str, JobLog] = {}
+        self._cold: OrderedDict[str, JobLog] = OrderedDict()
+
+    def recover(self) -> list[Job]:
+        """Load every record; end the jobs a stopped service left running (`lost`) and
+        return the accepted, unstarted ones in the order they came, to be run."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        loaded = []
+        for path in self.dir.glob("*.json.tmp"):
+            path.unlink(missing_ok=True)
+        for path in self.dir.glob("*.json"):
+            try:
+                loaded.append(Job.from_json(json.loads(path.read_bytes())))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping unreadable job record %s: %s", path.name, exc)
+        loaded.sort(key=lambda job: job.created_at)
+        queued = []
+        for job in loaded:
+            self.jobs[job.job_id] = job
+            if job.status is JobStatus.RUNNING:
+                self._end_lost(job)
+            elif job.status is JobStatus.QUEUED:
+                joblog = JobLog.load(self._log_path(job.job_id))
+                joblog.reopen()
+                self._hot[job.job_id] = joblog
+                queued.append(job)
+        self.prune()
+        return queued
+
+    def add(self, tool_id: str, project_id: str) -> Job:
+        """Record a newly accepted job, with its empty log."""
+        job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id)
+        try:
+            joblog = JobLog.create(self._log_path(job.job_id))
+            self._write(job)
+        except OSError as exc:
+            self._log_path(job.job_id).unlink(missing_ok=True)
+            raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
+        self.jobs[job.job_id] = job
+        self._hot[job.job_id] = joblog
+        return job
+
+    def save(self, job: Job) -> None:
+        """Persist the record; a finished job's log leaves the hot set."""
+        self._write(job)
+        if job.status.finished and job.job_id in self._hot:
+            self._remember(job.job_id, self._hot.pop(job.job_id))
+            self.prune()
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise UnknownJob(job_id) from None
+
+    def log(self, job_id: str) -> JobLog:
+        self.get(job_id)
+        if job_id in self._hot:
+            return self._hot[job_id]
+        if job_id in self._cold:
+            self._cold.move_to_end(job_id)
+            return self._cold[job_id]
+        joblog = JobLog.load(self._log_path(job_id))
+        self._remember(job_id, joblog)
+        return joblog
+
+    def newest(self, status: JobStatus | None = None) -> Iterator[Job]:
+        for job in reversed(self.jobs.values()):
+            if status is None or job.status is status:
+                yield job
+
+    def prune(self) -> None:
+        """Remove the oldest finished jobs beyond `retention_jobs`, record and log."""
+        excess = len(self.jobs) - self.retention_jobs
+        for job in [job for job in self.jobs.values() if job.status.finished][: max(excess, 0)]:
+            del self.jobs[job.job_id]
+            self._cold.pop(job.job_id, None)
+            for path in (self._record_path(job.job_id), self._log_path(job.job_id)):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for joblog in self._hot.values():
+            joblog.close()
+
+    def _end_lost(self, job: Job) -> None:
+        joblog = JobLog.load(self._log_path(job.job_id))
+        job.transition(JobStatus.LOST, error=LOST_MESSAGE)
+        if not joblog.finished:
+            with contextlib.suppress(OSError):
+                joblog.reopen()
+                joblog.extend(lost_events(job))
+        self._write(job)
+
+    def _remember(self, job_id: str, joblog: JobLog) -> None:
+        self._cold[job_id] = joblog
+        while len(self._cold) > CACHED_LOGS:
+            self._cold.popitem(last=False)
+
+    def _write(self, job: Job) -> None:
+        path = self._record_path(job.job_id)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(json.dumps(job.to_json()).encode())
+        os.replace(tmp, path)
+
+    def _record_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def _log_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.log"
+
+
+def lost_events(job: Job) -> list[tuple[str, dict[str, object]]]:
+    return [
+        ("status", {"status": job.status.value, "timestamp": now_ms()}),
+        ("error", {"message": job.error or LOST_MESSAGE}),
+    ]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
