@@ -42,16 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamsvc: config error: {exc}", file=sys.stderr)
         return 2
+    try:
+        (config.server.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"streamsvc: server.data_dir {config.server.data_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
     url = f"http://{config.server.host}:{config.server.port}"
-    print(f"streamsvc: serving on {url} (tools: {', '.join(config.tools) or 'none'})", flush=True)
-    web.run_app(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        print=None,
-        handler_cancellation=True,
-        shutdown_timeout=5,
-    )
+    try:
+        web.run_app(
+            create_app(config),
+            host=config.server.host,
+            port=config.server.port,
+            print=lambda _: print(f"streamsvc: serving on {url} (tools: {', '.join(config.tools)})", flush=True),
+            handler_cancellation=True,
+            shutdown_timeout=5,
+        )
+    except OSError as exc:
+        print(f"streamsvc: cannot serve on {url}: {exc.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

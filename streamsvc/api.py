@@ -116,7 +116,12 @@ async def execute(request: web.Request) -> web.Response:
     body = await read_json(request, ("toolId", "projectId"))
     job = request.app[POOL].submit(body["toolId"], body["projectId"])
     job_url = f"/api/jobs/{job.job_id}"
-    data = {"jobId": job.job_id, "status": job.status.value, "streamUrl": f"/api/stream/{job.job_id}", "jobUrl": job_url}
+    data = {
+        "jobId": job.job_id,
+        "status": job.status.value,
+        "streamUrl": f"/api/stream/{job.job_id}",
+        "jobUrl": job_url,
+    }
     return ok(data, status=202, headers={"Location": job_url})
 
 
@@ -125,7 +130,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = _query_status(request.query.get("status"))
     limit = _query_int(request.query.get("limit"), "limit", default=100, high=MAX_LIST_LIMIT)
     pool = request.app[POOL]
-    jobs = []
+    jobs: list[dict[str, Any]] = []
     for job in request.app[STORE].newest(status):
         if len(jobs) == limit:
             break
@@ -189,7 +194,9 @@ async def queue_status(request: web.Request) -> web.Response:
 @routes.get("/api/tools")
 async def tools(request: web.Request) -> web.Response:
     tools = request.app[CONFIG].tools.values()
-    return ok([{"id": t.id, "description": t.description, "timeoutMs": round(t.limits.timeout_s * 1000)} for t in tools])
+    return ok(
+        [{"id": t.id, "description": t.description, "timeoutMs": round(t.limits.timeout_s * 1000)} for t in tools]
+    )
 
 
 @routes.get("/api/projects")

@@ -18,8 +18,12 @@ from attrs import field, frozen, validators
 
 DEMO_DIR = Path(__file__).parent / "demo"
 
-_positive = validators.gt(0)
-_non_negative = validators.ge(0)
+_positive: Any = validators.gt(0)
+_non_negative: Any = validators.ge(0)
+
+
+def _at_least(bound: int) -> Any:
+    return validators.ge(bound)
 
 
 class ConfigError(Exception):
@@ -58,10 +62,10 @@ class Limits:
     timeout_s: float = field(default=60.0, validator=_positive)
     kill_grace_s: float = field(default=5.0, validator=_non_negative)
     max_output_bytes: int = field(default=10 * 1024 * 1024, validator=_positive)
-    max_line_bytes: int = field(default=65536, validator=validators.ge(16))
+    max_line_bytes: int = field(default=65536, validator=_at_least(16))
     max_result_lines: int = field(default=10000, validator=_non_negative)
     heartbeat_s: float = field(default=15.0, validator=_positive)
-    max_memory_bytes: int = field(default=2 * 1024**3, validator=validators.ge(1024 * 1024))
+    max_memory_bytes: int = field(default=2 * 1024**3, validator=_at_least(1024 * 1024))
     max_processes: int = field(default=256, validator=_positive)
     max_cpu_s: int = field(default=600, validator=_positive)
     max_file_bytes: int = field(default=1024**3, validator=_non_negative)
@@ -177,7 +181,8 @@ def _tool(tool_id: str, table: Any, limits: Limits, base: Path) -> ToolConfig:
     limit_names = {f.name for f in attrs.fields(Limits)}
     overrides = {k: table.pop(k) for k in list(table) if k in limit_names}
     tool_limits = _build(Limits, overrides, key, base, defaults=limits)
-    return _build(ToolConfig, {**table, "id": tool_id, "limits": tool_limits}, key, base)
+    tool: ToolConfig = _build(ToolConfig, {**table, "id": tool_id, "limits": tool_limits}, key, base)
+    return tool
 
 
 def _build(cls: Any, table: Any, key: str, base: Path, defaults: Any = None) -> Any:
@@ -192,13 +197,13 @@ def _build(cls: Any, table: Any, key: str, base: Path, defaults: Any = None) -> 
         if name not in fields:
             raise ConfigError(f"{path}: unknown key")
         attribute = fields[name]
-        value = _convert(path, value, attribute.type, base)
+        converted = _convert(path, value, attribute.type, base)
         if attribute.validator is not None:
             try:
-                attribute.validator(None, attribute, value)
+                attribute.validator(None, attribute, converted)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
-        values[name] = value
+        values[name] = converted
     if defaults is not None:
         return attrs.evolve(defaults, **values)
     return cls(**values)

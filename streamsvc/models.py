@@ -37,6 +37,22 @@ _ALLOWED = {
 }
 
 
+_EXECUTION_FIELDS = (
+    "jobId",
+    "toolId",
+    "projectId",
+    "status",
+    "exitCode",
+    "signal",
+    "error",
+    "startedAt",
+    "completedAt",
+    "durationMs",
+    "truncated",
+    "outputLines",
+)
+
+
 class IllegalTransition(Exception):
     pass
 
@@ -112,8 +128,7 @@ class Job:
     def execution_response(self, output: Sequence[str]) -> dict[str, Any]:
         """The `complete` event's data: the origin design's result, and more."""
         body = self.to_json()
-        keep = ("jobId", "toolId", "projectId", "status", "exitCode", "signal", "error")
-        keep += ("startedAt", "completedAt", "durationMs", "truncated", "outputLines")
+        keep = _EXECUTION_FIELDS
         return {key: body[key] for key in keep} | {"output": list(output)}
 
     @classmethod

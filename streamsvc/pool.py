@@ -46,7 +46,9 @@ class WorkerPool:
         for job in self.store.jobs.values():
             if job.status.finished:
                 self.finished_counts[job.status] += 1
-        self._workers = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.config.queue.workers)]
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.config.queue.workers)
+        ]
         self._work.set()
 
     def close(self) -> None:
@@ -123,8 +125,10 @@ class WorkerPool:
     def status(self) -> dict[str, Any]:
         position = len(self._pending) + 1
         wait_ms = self.estimated_wait_ms(position)
-        counts = {status.value: self.finished_counts[status] for status in
-                  (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT)}
+        counts = {
+            status.value: self.finished_counts[status]
+            for status in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMEOUT)
+        }
         return {
             "concurrency": self.config.queue.workers,
             "running": len(self._runs),
@@ -151,7 +155,9 @@ class WorkerPool:
 
         def sink(batch: Sequence[tuple[str, str]]) -> None:
             timestamp = now_ms()
-            joblog.extend(("output", {"line": line, "stream": stream, "timestamp": timestamp}) for stream, line in batch)
+            joblog.extend(
+                ("output", {"line": line, "stream": stream, "timestamp": timestamp}) for stream, line in batch
+            )
             job.output_lines += len(batch)
             tail.extend(line for _, line in batch)
 
@@ -198,8 +204,9 @@ class WorkerPool:
         except OSError:
             joblog.abandon()  # subscribers end; the record below still tells the outcome
         self.store.save(job)
-        log.info("job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value,
-                 job.exit_code, job.signal, job.error)
+        log.info(
+            "job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value, job.exit_code, job.signal, job.error
+        )
 
     def _retry_after_s(self) -> int:
         mean_ms = sum(self._durations_ms) / len(self._durations_ms) if self._durations_ms else 1000

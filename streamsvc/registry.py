@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp_sse import EventSourceResponse
 
@@ -43,8 +44,8 @@ class Session:
                 elif self.log.finished:
                     return
                 else:
-                    await asyncio.wait({self.log.changed(), gone, self._closing},
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    wakers: set[asyncio.Future[Any]] = {self.log.changed(), gone, self._closing}
+                    await asyncio.wait(wakers, return_when=asyncio.FIRST_COMPLETED)
             if self._closing.done() and not gone.done():
                 message = json.dumps({"message": self._closing.result()})
                 await self._write(f"event: error\ndata: {message}\n\n".encode(), stall_s)
@@ -58,7 +59,7 @@ class Session:
             async with asyncio.timeout(stall_s):
                 await self.response.write(blob)
         except TimeoutError:
-            request = self.response._req  # noqa: SLF001 - aiohttp-sse aborts the same way
+            request = self.response._req  # aiohttp-sse aborts a stalled peer the same way
             if request is not None and request.transport is not None:
                 request.transport.abort()
             raise

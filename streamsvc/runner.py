@@ -105,8 +105,9 @@ class Run:
         exited = asyncio.ensure_future(proc.wait())
         stopped = asyncio.ensure_future(self._stopped.wait())
         try:
-            await asyncio.wait({exited, stopped}, timeout=self.spec.limits.timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {exited, stopped}, timeout=self.spec.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if exited.done():
                 return
             self.stop(JobStatus.TIMEOUT, f"timed out after {self.spec.limits.timeout_s:g} s")
@@ -167,9 +168,7 @@ class Run:
         cap = self.spec.limits.max_output_bytes
         batch = []
         for raw in raw_lines:
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            for piece in _pieces(raw, max_line):
+            for piece in _pieces(raw.removesuffix(b"\r"), max_line):
                 if self.output_bytes + len(piece) + 1 > cap:
                     self._truncated = True
                     self.stop(JobStatus.FAILED, f"output exceeded max_output_bytes ({cap} bytes); the job was stopped")

@@ -1,0 +1,183 @@
+"""The stream: replay, resume, fan-out, isolation, heartbeats, shutdown, slow readers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, lines_of, read_sse, submit
+
+
+def assert_whole_sequence(events: list[Event]) -> None:
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert events[0].event == "status" and events[0].data["status"] == "running"
+    assert events[-1].event == "complete"
+
+
+async def test_subscriber_after_completion_gets_everything_and_the_response_ends(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    client = await start(make_config({"lines": [PY, "lines.py", "50"]}))
+    job_id = await submit(client, "lines")
+    first = await follow(client, job_id)  # follows the job live to its end
+    late = await follow(client, job_id)  # connects after it finished
+
+    assert late == first
+    assert_whole_sequence(late)
+    assert lines_of(late) == [f"line {i}" for i in range(50)]
+    assert late[-1].data["status"] == "completed"
+    assert late[-1].data["output"] == lines_of(late)
+    assert [e.data["seq"] for e in late if e.event == "output"] == list(range(2, 52))
+
+
+async def test_stream_headers_and_retry_frame(make_config: ConfigFactory, start: ClientFactory) -> None:
+    client = await start(make_config({"hello": [PY, "hello.py"]}, server={"retry_ms": 1500}))
+    job_id = await submit(client, "hello")
+    async with client.get(f"/api/stream/{job_id}") as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["Cache-Control"] == "no-cache"
+        assert response.headers["X-Accel-Buffering"] == "no"
+        first = await response.content.readline()
+        assert first == b"retry: 1500\n"
+
+
+async def test_resume_with_header_and_with_query(make_config: ConfigFactory, start: ClientFactory) -> None:
+    client = await start(make_config({"lines": [PY, "lines.py", "20"]}))
+    job_id = await submit(client, "lines")
+    everything = await follow(client, job_id)
+
+    by_header = await follow(client, job_id, **{"Last-Event-ID": "7"})
+    async with client.get(f"/api/stream/{job_id}?lastEventId=7") as response:
+        by_query = await collect(response)
+
+    assert by_header == by_query == everything[7:]
+    assert by_header[0].id == 8
+
+
+async def test_resume_after_the_last_event_gets_nothing_but_the_end(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    job_id = await submit(client, "hello")
+    everything = await follow(client, job_id)
+    assert await follow(client, job_id, **{"Last-Event-ID": str(everything[-1].id)}) == []
+
+
+async def test_live_subscriber_sees_lines_before_the_job_ends(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
+    job_id = await submit(client, "gate")
+    async with client.get(f"/api/stream/{job_id}") as response:
+        events = read_sse(response)
+        seen: list[Event] = []
+        async for item in events:
+            if isinstance(item, Event):
+                seen.append(item)
+                if item.event == "output":
+                    break
+        assert seen[-1].data["line"] == "waiting"
+        gate.touch()  # only now may the job finish
+        rest = [item async for item in events if isinstance(item, Event)]
+    assert lines_of(seen + rest) == ["waiting", "released"]
+    assert_whole_sequence(seen + rest)
+
+
+async def test_twenty_subscribers_see_identical_sequences(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    script = f"import os,sys,time\nfor i in range(200): print(f'n {{i}}')\nprint('mid', flush=True)\n"
+    script += f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\nfor i in range(200): print(f'm {{i}}')\n"
+    client = await start(make_config({"two-phase": [PY, "-c", script]}))
+    job_id = await submit(client, "two-phase")
+
+    async def subscriber() -> list[Event]:
+        return await follow(client, job_id)
+
+    tasks = [asyncio.create_task(subscriber()) for _ in range(20)]
+    while True:  # open all twenty while the job waits at its gate
+        status = (await (await client.get(f"/api/jobs/{job_id}")).json())["data"]
+        if status["outputLines"] >= 201 and client.app is not None:
+            from streamsvc.api import REGISTRY
+
+            if client.app[REGISTRY].count(job_id) == 20:
+                break
+        await asyncio.sleep(0.01)
+    gate.touch()
+    results = await asyncio.gather(*tasks)
+
+    assert all(result == results[0] for result in results)
+    assert len(lines_of(results[0])) == 401
+    assert_whole_sequence(results[0])
+
+
+async def test_two_concurrent_jobs_never_mix(make_config: ConfigFactory, start: ClientFactory) -> None:
+    a = f"for i in range(2000): print(f'A {{i}}')"
+    b = f"import sys\nfor i in range(2000): print(f'B {{i}}', file=sys.stderr)"
+    client = await start(make_config({"a": [PY, "-c", a], "b": [PY, "-c", b]}, queue={"workers": 2}))
+    job_a, job_b = await submit(client, "a"), await submit(client, "b")
+    events_a, events_b = await asyncio.gather(follow(client, job_a), follow(client, job_b))
+
+    assert lines_of(events_a) == [f"A {i}" for i in range(2000)]
+    assert lines_of(events_b) == [f"B {i}" for i in range(2000)]
+    assert {e.data["stream"] for e in events_b if e.event == "output"} == {"stderr"}
+    assert events_a[-1].data["jobId"] == job_a and events_b[-1].data["jobId"] == job_b
+
+
+async def test_unknown_job_is_404_json(make_config: ConfigFactory, start: ClientFactory) -> None:
+    client = await start(make_config({}))
+    response = await client.get("/api/stream/00000000-0000-4000-8000-000000000000")
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "unknown_job"
+
+
+async def test_nonsense_last_event_id_is_400(make_config: ConfigFactory, start: ClientFactory) -> None:
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    job_id = await submit(client, "hello")
+    for value in ("abc", "-1", "1.5", "9" * 40, "٣"):
+        response = await client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": value})
+        assert response.status == 400, value
+        assert (await response.json())["error"]["type"] == "user_error"
+
+
+async def test_heartbeat_comments_while_the_job_is_silent(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    tool = {"argv": [PY, "gate.py", str(gate)], "heartbeat_s": 0.05}
+    client = await start(make_config({"gate": tool}))
+    job_id = await submit(client, "gate")
+    async with client.get(f"/api/stream/{job_id}") as response:
+        comments = 0
+        async for item in read_sse(response):
+            if isinstance(item, str):
+                comments += 1
+                if comments == 3:
+                    break
+        gate.touch()
+    assert comments == 3
+
+
+async def test_disconnect_releases_the_session(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    from streamsvc.api import REGISTRY
+
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
+    job_id = await submit(client, "gate")
+    response = await client.get(f"/api/stream/{job_id}")
+    await response.content.readline()
+    assert client.app is not None
+    registry = client.app[REGISTRY]
+    assert registry.count(job_id) == 1
+    response.close()
+    for _ in range(500):
+        if registry.count(job_id) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert registry.count(job_id) == 0
+    gate.touch()
+    assert lines_of(await follow(client, job_id)) == ["waiting", "released"]
