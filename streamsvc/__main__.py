@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"streamsvc: server.data_dir {config.server.data_dir}: {exc.strerror}", file=sys.stderr)
         return 2
+    if not config.projects.root.is_dir():
+        print(f"streamsvc: warning: projects.root {config.projects.root} is not a folder", file=sys.stderr)
     url = f"http://{config.server.host}:{config.server.port}"
     try:
         web.run_app(

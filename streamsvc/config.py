@@ -6,6 +6,8 @@ keys, wrong types and impossible values with a `ConfigError` naming the key.
 
 from __future__ import annotations
 
+import math
+import pwd
 import sys
 import tomllib
 import types
@@ -14,16 +16,38 @@ from pathlib import Path
 from typing import Any, Union, get_origin
 
 import attrs
-from attrs import field, frozen, validators
+from attrs import field, frozen
 
 DEMO_DIR = Path(__file__).parent / "demo"
 
-_positive: Any = validators.gt(0)
-_non_negative: Any = validators.ge(0)
+#: the largest count or size any limit takes (rlimits are 64-bit)
+MAX_INT = 2**62
+#: the longest any time setting may be (about 115 days)
+MAX_SECONDS = 10_000_000.0
 
 
-def _at_least(bound: int) -> Any:
-    return validators.ge(bound)
+def _within(low: float, high: float, *, above: bool = False) -> Any:
+    """A validator: a finite number from `low` (or above it) to `high`."""
+    relation = ">" if above else ">="
+
+    def check(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (math.isfinite(value) and (value > low if above else value >= low) and value <= high):
+            raise ValueError(f"must be {relation} {low:g} and <= {high:g}, got {value}")
+
+    return check
+
+
+_count = _within(1, MAX_INT)
+_size = _within(0, MAX_INT)
+_seconds = _within(0, MAX_SECONDS, above=True)
+
+
+def _user(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value:
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise ValueError(f"no such user: {value!r}") from None
 
 
 class ConfigError(Exception):
@@ -42,49 +66,49 @@ class ServerConfig:
     data_dir: Path = Path("var")
     auth_token: str = ""
     #: finished jobs kept (newest first); older ones are removed with their logs
-    retention_jobs: int = field(default=1000, validator=_positive)
+    retention_jobs: int = field(default=1000, validator=_count)
     #: a subscriber whose socket accepts nothing for this long is cut off (it may resume)
-    stream_stall_s: float = field(default=60.0, validator=_positive)
+    stream_stall_s: float = field(default=60.0, validator=_seconds)
     #: the SSE `retry:` a client waits before reconnecting
-    retry_ms: int = field(default=2000, validator=_non_negative)
+    retry_ms: int = field(default=2000, validator=_within(0, MAX_SECONDS * 1000))
     #: when the service runs as root, run tools as this user ("" keeps root)
-    run_as: str = ""
+    run_as: str = field(default="", validator=_user)
 
 
 @frozen
 class QueueConfig:
-    workers: int = field(default=4, validator=_positive)
-    max_pending: int = field(default=1000, validator=_positive)
+    workers: int = field(default=4, validator=_count)
+    max_pending: int = field(default=1000, validator=_count)
 
 
 @frozen
 class Limits:
-    timeout_s: float = field(default=60.0, validator=_positive)
-    kill_grace_s: float = field(default=5.0, validator=_non_negative)
-    max_output_bytes: int = field(default=10 * 1024 * 1024, validator=_positive)
-    max_line_bytes: int = field(default=65536, validator=_at_least(16))
-    max_result_lines: int = field(default=10000, validator=_non_negative)
-    heartbeat_s: float = field(default=15.0, validator=_positive)
-    max_memory_bytes: int = field(default=2 * 1024**3, validator=_at_least(1024 * 1024))
-    max_processes: int = field(default=256, validator=_positive)
-    max_cpu_s: int = field(default=600, validator=_positive)
-    max_file_bytes: int = field(default=1024**3, validator=_non_negative)
+    timeout_s: float = field(default=60.0, validator=_seconds)
+    kill_grace_s: float = field(default=5.0, validator=_within(0, 3600))
+    max_output_bytes: int = field(default=10 * 1024 * 1024, validator=_count)
+    max_line_bytes: int = field(default=65536, validator=_within(16, MAX_INT))
+    max_result_lines: int = field(default=10000, validator=_size)
+    heartbeat_s: float = field(default=15.0, validator=_seconds)
+    max_memory_bytes: int = field(default=2 * 1024**3, validator=_within(1024 * 1024, MAX_INT))
+    max_processes: int = field(default=256, validator=_count)
+    max_cpu_s: int = field(default=600, validator=_count)
+    max_file_bytes: int = field(default=1024**3, validator=_size)
 
 
 @frozen
 class ClientsConfig:
-    max_active: int = field(default=0, validator=_non_negative)
-    max_per_hour: int = field(default=0, validator=_non_negative)
+    max_active: int = field(default=0, validator=_size)
+    max_per_hour: int = field(default=0, validator=_size)
     trust_forwarded_for: bool = False
 
 
 @frozen
 class UploadsConfig:
-    max_entries: int = field(default=1000, validator=_positive)
-    max_entry_bytes: int = field(default=50 * 1024 * 1024, validator=_positive)
-    max_total_bytes: int = field(default=500 * 1024 * 1024, validator=_positive)
-    max_ratio: int = field(default=100, validator=_positive)
-    upload_ttl_s: float = field(default=900.0, validator=_positive)
+    max_entries: int = field(default=1000, validator=_count)
+    max_entry_bytes: int = field(default=50 * 1024 * 1024, validator=_count)
+    max_total_bytes: int = field(default=500 * 1024 * 1024, validator=_count)
+    max_ratio: int = field(default=100, validator=_count)
+    upload_ttl_s: float = field(default=900.0, validator=_seconds)
 
 
 @frozen
@@ -98,8 +122,12 @@ def _argv(_: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[s
 
 
 def _relative(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if Path(value).is_absolute() or ".." in Path(value).parts:
+    if not value or Path(value).is_absolute() or ".." in Path(value).parts:
         raise ValueError(f"must be a relative path inside the project, got {value!r}")
+
+
+def _read_only(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(mapping))
 
 
 @frozen
@@ -109,7 +137,7 @@ class ToolConfig:
     description: str = ""
     #: working directory, relative to the project folder
     cwd: str = field(default=".", validator=_relative)
-    env: Mapping[str, str] = field(factory=dict)
+    env: Mapping[str, str] = field(factory=dict, converter=_read_only)
     limits: Limits = Limits()
 
 
@@ -121,7 +149,7 @@ class Config:
     clients: ClientsConfig = ClientsConfig()
     uploads: UploadsConfig = UploadsConfig()
     projects: ProjectsConfig = ProjectsConfig()
-    tools: Mapping[str, ToolConfig] = field(factory=dict)
+    tools: Mapping[str, ToolConfig] = field(factory=dict, converter=_read_only)
 
     @classmethod
     def from_toml(cls, path: Path) -> Config:
@@ -172,6 +200,8 @@ def _sections() -> tuple[attrs.Attribute[Any], ...]:
 
 def _tool(tool_id: str, table: Any, limits: Limits, base: Path) -> ToolConfig:
     key = f"tools.{tool_id}"
+    if not tool_id or not tool_id.isprintable():
+        raise ConfigError(f"tools.{tool_id!r}: a tool id must be a non-empty printable name")
     if not isinstance(table, dict):
         raise ConfigError(f"{key}: must be a table")
     table = dict(table)
@@ -206,6 +236,9 @@ def _build(cls: Any, table: Any, key: str, base: Path, defaults: Any = None) -> 
         values[name] = converted
     if defaults is not None:
         return attrs.evolve(defaults, **values)
+    missing = [f.name for f in fields.values() if f.default is attrs.NOTHING and f.name not in values]
+    if missing:
+        raise ConfigError(f"{key}.{missing[0]}: required")
     return cls(**values)
 
 

@@ -110,8 +110,7 @@ async def read_sse(response: ClientResponse) -> AsyncIterator[Event | str]:
     """Parse an SSE body as a browser does; yields events, and comments as strings."""
     fields: dict[str, str] = {}
     data: list[str] = []
-    async for raw in response.content:
-        line = raw.decode().rstrip("\r\n")
+    async for line in _lines(response):
         if not line:
             if data:
                 seq = fields.get("id")
@@ -126,6 +125,15 @@ async def read_sse(response: ClientResponse) -> AsyncIterator[Event | str]:
                 data.append(value)
             else:
                 fields[name] = value
+
+
+async def _lines(response: ClientResponse) -> AsyncIterator[str]:
+    """The body's lines, however long (an event's data may be megabytes)."""
+    pending = b""
+    async for chunk in response.content.iter_any():
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line.decode().removesuffix("\r")
 
 
 async def collect(response: ClientResponse) -> list[Event]:

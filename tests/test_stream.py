@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, lines_of, read_sse, submit
@@ -181,3 +182,32 @@ async def test_disconnect_releases_the_session(
     assert registry.count(job_id) == 0
     gate.touch()
     assert lines_of(await follow(client, job_id)) == ["waiting", "released"]
+
+
+async def test_a_subscriber_that_reads_nothing_slows_no_one_and_catches_up_later(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    script = "import sys\nfor i in range(60000): sys.stdout.write(f'{i:08d} ' + 'x' * 90 + '\\n')"
+    client = await start(make_config({"flood": [PY, "-c", script]}))
+    job_id = await submit(client, "flood")
+    # a raw socket with a tiny receive buffer that reads nothing while the job writes ~6 MB
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /api/stream/{job_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+
+    fast = await follow(client, job_id)  # a reading subscriber gets everything to the end
+    job = (await (await client.get(f"/api/jobs/{job_id}")).json())["data"]
+    assert job["status"] == "completed"  # the job ended while the silent reader held its stream
+    assert len(lines_of(fast)) == 60000
+
+    body = bytearray()  # now the silent one reads: it catches up from the log, nothing lost
+    while not body.endswith(b"0\r\n\r\n"):
+        chunk = await reader.read(1 << 16)
+        assert chunk, "connection closed before the end"
+        body += chunk
+    writer.close()
+    assert body.count(b"event: output") == 60000
+    assert b'"line":"00059999 ' in body

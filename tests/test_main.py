@@ -1,0 +1,466 @@
+"""The command line end to end: a real `python -m streamsvc server` process over a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import textwrap
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import attrs
+import pytest
+from conftest import PY, Event, read_sse
+
+from streamsvc.config import DEMO_DIR
+
+#: bounds on waits for a condition; generous, they only matter when something is broken
+START_BOUND_S = 20.0
+STREAM_BOUND_S = 30.0
+GONE_BOUND_S = 10.0
+KILL_GRACE_S = 1.0
+
+DEMO_TOOLS = ("progress", "warnings", "fail", "line-count")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMSVC_CONFIG"}
+    return env | extra
+
+
+@attrs.define
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    err: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """End the process for sure: TERM, a bounded wait, then KILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=GONE_BOUND_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=GONE_BOUND_S)
+
+
+Launch = Callable[..., Server]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start `python -m streamsvc server ARGS --host 127.0.0.1 --port <free>`; stopped by the fixture."""
+    servers: list[Server] = []
+
+    def factory(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Server:
+        port = free_port()
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        out, err = logs / f"{len(servers)}.out", logs / f"{len(servers)}.err"
+        argv = [PY, "-m", "streamsvc", "server", *args, "--host", "127.0.0.1", "--port", str(port)]
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env or child_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+            )
+        server = Server(proc, port, out, err)
+        servers.append(server)
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, port: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to its end (for the cases where it must not start)."""
+    port = port or free_port()
+    return subprocess.run(
+        [PY, "-m", "streamsvc", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env=env or child_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_BOUND_S,
+        check=False,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *mentions: str) -> None:
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for mention in mentions:
+        assert mention in lines[0], lines[0]
+    assert "serving on" not in result.stdout
+
+
+@contextlib.asynccontextmanager
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STREAM_BOUND_S)) as http:
+        yield http
+
+
+async def wait_ready(server: Server, http: aiohttp.ClientSession) -> None:
+    """Poll (bounded) until the process printed its "serving on" line and /healthz answers."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + START_BOUND_S
+    while loop.time() < deadline:
+        code = server.proc.poll()
+        assert code is None, f"exited with {code}: {server.stderr()}"
+        if f"serving on {server.url}" in server.stdout():
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with http.get(f"{server.url}/healthz") as response:
+                    if response.status == 200 and await response.json() == {"data": {"status": "ok"}}:
+                        return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"not ready within {START_BOUND_S} s: {server.stdout()} {server.stderr()}")
+
+
+async def wait_exit(server: Server, bound_s: float) -> int:
+    """Poll (bounded) until the process has exited; its status."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    while (code := server.proc.poll()) is None:
+        assert loop.time() < deadline, f"still running after {bound_s} s"
+        await asyncio.sleep(0.05)
+    return code
+
+
+async def submit(http: aiohttp.ClientSession, server: Server, tool: str, project: str) -> str:
+    body = {"toolId": tool, "projectId": project}
+    async with http.post(f"{server.url}/api/execute", json=body) as response:
+        assert response.status == 202, await response.text()
+        job_id: str = (await response.json())["data"]["jobId"]
+    return job_id
+
+
+async def follow(http: aiohttp.ClientSession, server: Server, job_id: str) -> list[Event]:
+    async with http.get(f"{server.url}/api/stream/{job_id}") as response:
+        assert response.status == 200, await response.text()
+        return [item async for item in read_sse(response) if isinstance(item, Event)]
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    async with http.get(url) as response:
+        assert response.status == 200, await response.text()
+        return (await response.json())["data"]
+
+
+def assert_whole_sequence(events: list[Event]) -> None:
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+
+
+def outputs(events: list[Event], stream: str | None = None) -> list[str]:
+    return [e.data["line"] for e in events if e.event == "output" and stream in (None, e.data["stream"])]
+
+
+def write_config(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "streamsvc.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+HELLO_CONFIG = """
+    [server]
+    port = 9
+    data_dir = "data"
+    [projects]
+    root = "projects"
+    [tools.hello]
+    argv = ["echo", "hello"]
+"""
+
+
+# --- start-up refused --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[queue]\nworkers = 0\n", "queue.workers"),
+        ("[server]\nportt = 1\n", "server.portt"),
+        ("[tools.t]\nargv = []\n", "tools.t.argv"),
+        ('[tools.t]\nargv = ["true"]\ncwd = "../x"\n', "tools.t.cwd"),
+        ("[server\n", "streamsvc.toml"),
+    ],
+)
+def test_bad_config_file_exits_2_with_one_line_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    path = write_config(tmp_path / "etc", text)
+    result = run_cli("--config", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, key)
+    assert not (tmp_path / "var").exists()
+    assert not (tmp_path / "etc" / "var").exists()
+
+
+def test_missing_config_file_exits_2_naming_it(tmp_path: Path) -> None:
+    result = run_cli("--config", "no-such.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "no-such.toml")
+
+
+def test_streamsvc_config_env_var_is_read(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "etc", "[limits]\ntimeout_s = -1\n")
+    result = run_cli(cwd=tmp_path, env=child_env(STREAMSVC_CONFIG=str(path)))
+    assert result.returncode == 2
+    assert_one_line_error(result, "limits.timeout_s")
+
+
+def test_data_dir_that_is_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "var").write_text("not a folder")
+    result = run_cli(cwd=tmp_path)
+    assert_one_line_error(result, "data_dir", str(tmp_path / "var"))
+    assert (tmp_path / "var").read_text() == "not a folder"
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(cwd=tmp_path, port=port)
+    assert_one_line_error(result, str(port))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run_as is only looked up when the service runs as root")
+def test_run_as_unknown_user_is_a_one_line_error_naming_the_key(tmp_path: Path) -> None:
+    path = write_config(tmp_path, '[server]\nrun_as = "no-such-user-here"\n')
+    result = run_cli("--config", str(path), cwd=tmp_path)
+    assert_one_line_error(result, "server.run_as")
+
+
+# --- start-up -----------------------------------------------------------------------------------
+
+
+async def test_env_var_config_is_served_with_cli_host_and_port(tmp_path: Path, launch: Launch) -> None:
+    path = write_config(tmp_path / "etc", HELLO_CONFIG)
+    (tmp_path / "etc" / "projects" / "p").mkdir(parents=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    server = launch(cwd=cwd, env=child_env(STREAMSVC_CONFIG=str(path)))  # the file's port 9 is overridden
+    async with session() as http:
+        await wait_ready(server, http)
+        tools = await get_json(http, f"{server.url}/api/tools")
+        assert [tool["id"] for tool in tools] == ["hello"]
+        job_id = await submit(http, server, "hello", "p")
+        events = await follow(http, server, job_id)
+    assert outputs(events) == ["hello"]
+    assert "(tools: hello)" in server.stdout()
+    assert (tmp_path / "etc" / "data" / "jobs" / f"{job_id}.json").is_file()  # beside the file, not in cwd
+    assert not (cwd / "var").exists()
+
+
+async def test_config_flag_wins_over_the_env_var(tmp_path: Path, launch: Launch) -> None:
+    bad = write_config(tmp_path / "bad", "[queue]\nworkers = 0\n")
+    good = write_config(tmp_path / "good", HELLO_CONFIG)
+    server = launch("--config", str(good), cwd=tmp_path, env=child_env(STREAMSVC_CONFIG=str(bad)))
+    async with session() as http:
+        await wait_ready(server, http)
+        tools = await get_json(http, f"{server.url}/api/tools")
+    assert [tool["id"] for tool in tools] == ["hello"]
+
+
+async def test_embedded_default_runs_every_demo_tool(tmp_path: Path, launch: Launch) -> None:
+    server = launch(cwd=tmp_path)
+    async with session() as http:
+        await wait_ready(server, http)
+        tools = await get_json(http, f"{server.url}/api/tools")
+        assert {tool["id"] for tool in tools} == set(DEMO_TOOLS)
+        projects = await get_json(http, f"{server.url}/api/projects")
+        assert "hello" in [project["projectId"] for project in projects]
+
+        ids = {
+            tool: await submit(http, server, tool, "hello") for tool in ("progress", "warnings", "fail", "line-count")
+        }
+        results = await asyncio.gather(*(follow(http, server, job_id) for job_id in ids.values()))
+        runs = dict(zip(ids, results, strict=True))
+        jobs = {tool: await get_json(http, f"{server.url}/api/jobs/{job_id}") for tool, job_id in ids.items()}
+
+    for tool, events in runs.items():
+        assert_whole_sequence(events)
+        assert events[-1].event == "complete", (tool, events[-1])
+        assert events[-1].data["jobId"] == ids[tool]
+        assert events[-1].data["output"] == outputs(events)
+        assert jobs[tool]["status"] == events[-1].data["status"]
+
+    progress = runs["progress"]
+    assert progress[-1].data["status"] == "completed" and progress[-1].data["exitCode"] == 0
+    assert len(outputs(progress)) == 21
+    assert "step 1/20" in outputs(progress)[0] and "step 20/20" in outputs(progress)[19]
+    assert "build finished" in outputs(progress)[20]
+    assert jobs["progress"]["outputLines"] == 21
+
+    warnings = runs["warnings"]
+    assert warnings[-1].data["status"] == "completed" and warnings[-1].data["exitCode"] == 0
+    assert len(outputs(warnings, "stderr")) == 4
+    assert all(line.startswith("warning: ") for line in outputs(warnings, "stderr"))
+    assert outputs(warnings, "stdout")[-1] == "4 files checked, 0 errors, 4 warnings"
+
+    fail = runs["fail"]
+    assert fail[-1].data["status"] == "failed" and fail[-1].data["exitCode"] == 3
+    assert fail[-1].data["error"]
+    assert any("does not hold" in line for line in outputs(fail, "stderr"))
+
+    count = runs["line-count"]
+    readme_lines = len((DEMO_DIR / "projects" / "hello" / "README.md").read_bytes().splitlines())
+    assert count[-1].data["status"] == "completed" and count[-1].data["exitCode"] == 0
+    assert [re.sub(r"\s+", " ", line.strip()) for line in outputs(count)] == [f"{readme_lines} README.md"]
+
+    assert (tmp_path / "var" / "jobs").is_dir()  # the default data_dir lands in the working directory
+
+
+# --- shutdown ----------------------------------------------------------------------------------
+
+#: a tool that starts a grandchild in its process group, records both pids, prints a line, then
+#: waits on a gate that only the test's clean-up opens
+HANG = """
+    import os, subprocess, sys, time
+    pids, gate = sys.argv[1], sys.argv[2]
+    wait = f"import os, time\\nwhile not os.path.exists({gate!r}): time.sleep(0.05)"
+    child = subprocess.Popen([sys.executable, "-c", wait])
+    for name, pid in (("grandchild", child.pid), ("tool", os.getpid())):
+        with open(os.path.join(pids, name + ".tmp"), "w") as f:
+            f.write(str(pid))
+        os.replace(os.path.join(pids, name + ".tmp"), os.path.join(pids, name + ".pid"))
+    print("started", flush=True)
+    while not os.path.exists(gate):
+        time.sleep(0.05)
+"""
+
+
+def hang_config(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The config (tool `hang` on project `p`), the pid folder and the gate."""
+    pids, gate = tmp_path / "pids", tmp_path / "gate"
+    pids.mkdir()
+    project = tmp_path / "etc" / "projects" / "p"
+    project.mkdir(parents=True)
+    (project / "hang.py").write_text(textwrap.dedent(HANG))
+    config = f"""
+        [server]
+        data_dir = "data"
+        [projects]
+        root = "projects"
+        [tools.hang]
+        argv = [{PY!r}, "hang.py", {str(pids)!r}, {str(gate)!r}]
+        timeout_s = 120
+        kill_grace_s = {KILL_GRACE_S}
+    """
+    return write_config(tmp_path / "etc", config), pids, gate
+
+
+def is_gone(pid: int) -> bool:
+    """No such process, or only its zombie (dead, not yet reaped by whoever adopted it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+async def wait_gone(pid: int) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GONE_BOUND_S
+    while not is_gone(pid):
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+@contextlib.contextmanager
+def released(pids: Path, gate: Path) -> Iterator[None]:
+    """Whatever happens, the hanging tool and its grandchild end when the test does."""
+    try:
+        yield
+    finally:
+        gate.touch()
+        for pid_file in pids.glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_after_restart(
+    tmp_path: Path, launch: Launch, signum: signal.Signals
+) -> None:
+    path, pids, gate = hang_config(tmp_path)
+    with released(pids, gate):
+        server = launch("--config", str(path), cwd=tmp_path)
+        async with session() as http:
+            await wait_ready(server, http)
+            job_id = await submit(http, server, "hang", "p")
+            async with http.get(f"{server.url}/api/stream/{job_id}") as response:
+                assert response.status == 200
+                events: list[Event] = []
+                async for item in read_sse(response):
+                    if isinstance(item, Event):
+                        events.append(item)
+                        if item.event == "output":
+                            break
+                assert outputs(events) == ["started"]
+                tool_pid = int((pids / "tool.pid").read_text())
+                grandchild_pid = int((pids / "grandchild.pid").read_text())
+                assert not is_gone(tool_pid) and not is_gone(grandchild_pid)
+
+                server.proc.send_signal(signum)
+                events += [item async for item in read_sse(response) if isinstance(item, Event)]
+
+            assert events[-1].event == "error", events[-1]
+            assert events[-1].data["message"]
+            assert [e.event for e in events].count("error") == 1
+            assert "complete" not in [e.event for e in events]
+
+            assert await wait_exit(server, KILL_GRACE_S + 10) == 0
+            assert "Traceback" not in server.stderr(), server.stderr()
+            assert await wait_gone(tool_pid), f"tool {tool_pid} outlived the service"
+            assert await wait_gone(grandchild_pid), f"grandchild {grandchild_pid} outlived the service"
+
+            again = launch("--config", str(path), cwd=tmp_path)
+            await wait_ready(again, http)
+            job = await get_json(http, f"{again.url}/api/jobs/{job_id}")
+            assert job["status"] == "lost"
+            assert job["completedAt"] is not None
+            history = await follow(http, again, job_id)
+
+    assert_whole_sequence(history)
+    assert outputs(history) == ["started"]
+    assert history[-1].event == "error"
+    assert history[-1].data["message"]
+    assert [e.data["status"] for e in history if e.event == "status"] == ["running", "lost"]
