@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import textwrap
@@ -152,6 +153,14 @@ async def submit(client: TestClient[Any, Application], tool: str, project: str =
 async def follow(client: TestClient[Any, Application], job_id: str, **headers: str) -> list[Event]:
     async with client.get(f"/api/stream/{job_id}", headers=headers) as response:
         return await collect(response)
+
+
+async def eventually(condition: Callable[[], bool], what: str, *, bound_s: float = 30.0) -> None:
+    """Wait until `condition()` holds, checking every 10 ms, failing after `bound_s`."""
+    async with asyncio.timeout(bound_s):
+        while not condition():  # noqa: ASYNC110 - test-side state with no event to wait on
+            await asyncio.sleep(0.01)
+    assert condition(), what
 
 
 def lines_of(events: list[Event]) -> list[str]:

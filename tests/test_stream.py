@@ -6,7 +6,9 @@ import asyncio
 import socket
 from pathlib import Path
 
-from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, lines_of, read_sse, submit
+from conftest import PY, ClientFactory, ConfigFactory, Event, collect, eventually, follow, lines_of, read_sse, submit
+
+from streamsvc.api import REGISTRY
 
 
 def assert_whole_sequence(events: list[Event]) -> None:
@@ -89,8 +91,13 @@ async def test_twenty_subscribers_see_identical_sequences(
     make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    script = f"import os,sys,time\nfor i in range(200): print(f'n {{i}}')\nprint('mid', flush=True)\n"
-    script += f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\nfor i in range(200): print(f'm {{i}}')\n"
+    script = (
+        "import os, time\n"
+        "for i in range(200): print('n', i)\n"
+        "print('mid', flush=True)\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+        "for i in range(200): print('m', i)\n"
+    )
     client = await start(make_config({"two-phase": [PY, "-c", script]}))
     job_id = await submit(client, "two-phase")
 
@@ -98,14 +105,9 @@ async def test_twenty_subscribers_see_identical_sequences(
         return await follow(client, job_id)
 
     tasks = [asyncio.create_task(subscriber()) for _ in range(20)]
-    while True:  # open all twenty while the job waits at its gate
-        status = (await (await client.get(f"/api/jobs/{job_id}")).json())["data"]
-        if status["outputLines"] >= 201 and client.app is not None:
-            from streamsvc.api import REGISTRY
-
-            if client.app[REGISTRY].count(job_id) == 20:
-                break
-        await asyncio.sleep(0.01)
+    assert client.app is not None
+    registry = client.app[REGISTRY]
+    await eventually(lambda: registry.count(job_id) == 20, "twenty subscribers connected")
     gate.touch()
     results = await asyncio.gather(*tasks)
 
@@ -115,8 +117,8 @@ async def test_twenty_subscribers_see_identical_sequences(
 
 
 async def test_two_concurrent_jobs_never_mix(make_config: ConfigFactory, start: ClientFactory) -> None:
-    a = f"for i in range(2000): print(f'A {{i}}')"
-    b = f"import sys\nfor i in range(2000): print(f'B {{i}}', file=sys.stderr)"
+    a = "for i in range(2000): print(f'A {i}')"
+    b = "import sys\nfor i in range(2000): print(f'B {i}', file=sys.stderr)"
     client = await start(make_config({"a": [PY, "-c", a], "b": [PY, "-c", b]}, queue={"workers": 2}))
     job_a, job_b = await submit(client, "a"), await submit(client, "b")
     events_a, events_b = await asyncio.gather(follow(client, job_a), follow(client, job_b))
@@ -164,8 +166,6 @@ async def test_heartbeat_comments_while_the_job_is_silent(
 async def test_disconnect_releases_the_session(
     make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
-    from streamsvc.api import REGISTRY
-
     gate = tmp_path / "gate"
     client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
     job_id = await submit(client, "gate")
@@ -175,11 +175,7 @@ async def test_disconnect_releases_the_session(
     registry = client.app[REGISTRY]
     assert registry.count(job_id) == 1
     response.close()
-    for _ in range(500):
-        if registry.count(job_id) == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert registry.count(job_id) == 0
+    await eventually(lambda: registry.count(job_id) == 0, "the session released")
     gate.touch()
     assert lines_of(await follow(client, job_id)) == ["waiting", "released"]
 
