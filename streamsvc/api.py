@@ -60,7 +60,8 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         body = {"error": {"type": "user_error", "code": code, "message": exc.reason}}
-        return web.json_response(body, status=exc.status)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(body, status=exc.status, headers=headers)
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:
@@ -74,10 +75,12 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     """With `auth_token` set, every /api/ route needs it (the stream route also as ?token=)."""
     token = request.app[CONFIG].server.auth_token
     if token and request.path.startswith("/api/"):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not given and request.path.startswith("/api/stream/"):
-            given = request.query.get("token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        header = request.headers.get("Authorization", "")
+        offered = [header.removeprefix("Bearer ")] if header.startswith("Bearer ") else []
+        if request.path.startswith("/api/stream/") and "token" in request.query:
+            offered.append(request.query["token"])
+        expected = token.encode()
+        if not any(hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected) for given in offered):
             raise Unauthorized("missing or wrong bearer token")
     return await handler(request)
 
@@ -88,8 +91,8 @@ async def read_json(request: web.Request, fields: tuple[str, ...]) -> dict[str, 
         raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the body is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not valid JSON (or nested too deeply)") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - set(fields))

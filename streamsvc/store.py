@@ -76,8 +76,12 @@ class JobStore:
         return job
 
     def save(self, job: Job) -> None:
-        """Persist the record; a finished job's log leaves the hot set."""
-        self._write(job)
+        """Persist the record; a finished job's log leaves the hot set. A failing data
+        folder is logged, not raised: the record in memory stays right and is served."""
+        try:
+            self._write(job)
+        except OSError as exc:
+            log.error("cannot save job record %s: %s", job.job_id, exc)
         if job.status.finished and job.job_id in self._hot:
             self._remember(job.job_id, self._hot.pop(job.job_id))
             self.prune()
