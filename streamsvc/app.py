@@ -17,7 +17,12 @@ SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID t
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[error_envelope, bearer_auth], client_max_size=MAX_JSON_BYTES)
+    app = web.Application(
+        middlewares=[error_envelope, bearer_auth],
+        client_max_size=MAX_JSON_BYTES,
+        # long enough that an absurd id still reaches the handlers and gets the envelope
+        handler_args={"max_line_size": 65536, "max_field_size": 65536},
+    )
     store = JobStore(config.server.data_dir, config.server.retention_jobs)
     projects = Projects(config.projects.root)
     app[CONFIG] = config

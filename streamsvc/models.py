@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 from attrs import define, field
 
 
@@ -61,12 +62,6 @@ def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_iso(text: str | None) -> float | None:
-    if text is None:
-        return None
-    return datetime.fromisoformat(text).timestamp()
 
 
 @define
@@ -131,22 +126,10 @@ class Job:
         keep = _EXECUTION_FIELDS
         return {key: body[key] for key in keep} | {"output": list(output)}
 
+    def to_record(self) -> dict[str, Any]:
+        """The on-disk form: every field, times at full precision."""
+        return attrs.asdict(self)
+
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Job:
-        """Rebuild a record written by `to_json` (the on-disk form)."""
-        created_at = parse_iso(body["createdAt"])
-        return cls(
-            job_id=body["jobId"],
-            tool_id=body["toolId"],
-            project_id=body["projectId"],
-            created_at=created_at if created_at is not None else time.time(),
-            status=JobStatus(body["status"]),
-            started_at=parse_iso(body["startedAt"]),
-            completed_at=parse_iso(body["completedAt"]),
-            exit_code=body["exitCode"],
-            signal=body["signal"],
-            output_lines=body["outputLines"],
-            output_bytes=body["outputBytes"],
-            truncated=body["truncated"],
-            error=body["error"],
-        )
+    def from_record(cls, record: dict[str, Any]) -> Job:
+        return cls(**(record | {"status": JobStatus(record["status"])}))

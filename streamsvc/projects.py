@@ -22,6 +22,7 @@ class Projects:
             not project_id
             or len(project_id) > MAX_ID_CHARS
             or project_id.startswith(".")
+            or not project_id.isprintable()
             or any(c in project_id for c in "/\\\0")
         ):
             raise UnknownProject(project_id)

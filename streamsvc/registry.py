@@ -51,6 +51,8 @@ class Session:
                 await self._write(f"event: error\ndata: {message}\n\n".encode(), stall_s)
         except (ConnectionError, TimeoutError):
             return  # the subscriber left or stalled; it may resume with Last-Event-ID
+        except OSError:
+            return  # the log vanished under us (retention); end the response
         finally:
             gone.cancel()
 

@@ -45,7 +45,7 @@ class JobStore:
             path.unlink(missing_ok=True)
         for path in self.dir.glob("*.json"):
             try:
-                loaded.append(Job.from_json(json.loads(path.read_bytes())))
+                loaded.append(Job.from_record(json.loads(path.read_bytes())))
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping unreadable job record %s: %s", path.name, exc)
         loaded.sort(key=lambda job: job.created_at)
@@ -109,9 +109,10 @@ class JobStore:
                 yield job
 
     def prune(self) -> None:
-        """Remove the oldest finished jobs beyond `retention_jobs`, record and log."""
-        excess = len(self.jobs) - self.retention_jobs
-        for job in [job for job in self.jobs.values() if job.status.finished][: max(excess, 0)]:
+        """Keep the newest `retention_jobs` finished jobs; remove older ones, record and log.
+        Queued and running jobs are never removed."""
+        finished = [job for job in self.jobs.values() if job.status.finished]
+        for job in finished[: max(len(finished) - self.retention_jobs, 0)]:
             del self.jobs[job.job_id]
             self._cold.pop(job.job_id, None)
             for path in (self._record_path(job.job_id), self._log_path(job.job_id)):
@@ -123,6 +124,8 @@ class JobStore:
 
     def _end_lost(self, job: Job) -> None:
         joblog = JobLog.load(self._log_path(job.job_id))
+        lines = list(joblog.output_lines())
+        job.output_lines, job.output_bytes = len(lines), sum(len(line.encode()) + 1 for line in lines)
         job.transition(JobStatus.LOST, error=LOST_MESSAGE)
         if not joblog.finished:
             with contextlib.suppress(OSError):
@@ -138,7 +141,7 @@ class JobStore:
     def _write(self, job: Job) -> None:
         path = self._record_path(job.job_id)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(json.dumps(job.to_json()).encode())
+        tmp.write_bytes(json.dumps(job.to_record()).encode())
         os.replace(tmp, path)
 
     def _record_path(self, job_id: str) -> Path:

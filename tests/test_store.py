@@ -1,0 +1,554 @@
+"""Durability: the job store across restarts (records, logs, retention, torn files) and the job log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from aiohttp.web import Application
+from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, lines_of, read_sse, submit
+
+from streamsvc import joblog as joblog_module
+from streamsvc.errors import UnknownJob
+from streamsvc.joblog import JobLog, encode_frame, parse_frames
+from streamsvc.models import JobStatus
+from streamsvc.store import JobStore
+
+Client = TestClient[Any, Application]
+
+#: prints its pid, then blocks until the file named by argv[1] exists
+PID_GATE = """
+import os, sys, time
+print(f"pid {os.getpid()}", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.01)
+"""
+#: what a crash leaves when it strikes in the middle of writing a frame
+TORN_FRAME = b'id: 99\nevent: output\ndata: {"line": "half of a li'
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+async def get_data(client: Client, path: str) -> Any:
+    response = await client.get(path)
+    assert response.status == 200, await response.text()
+    return (await response.json())["data"]
+
+
+async def job_of(client: Client, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = await get_data(client, f"/api/jobs/{job_id}")
+    return job
+
+
+async def log_of(client: Client, job_id: str) -> str:
+    response = await client.get(f"/api/jobs/{job_id}/log")
+    assert response.status == 200, await response.text()
+    return await response.text()
+
+
+async def wait_until(client: Client, job_id: str, check: str, value: Any) -> dict[str, Any]:
+    """Poll the job (bounded) until its field `check` equals `value`."""
+    job: dict[str, Any] = {}
+    for _ in range(1000):
+        job = await job_of(client, job_id)
+        if job[check] == value:
+            return job
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job {job_id} never had {check}={value!r}: {job}")
+
+
+def without_duration(job: dict[str, Any]) -> dict[str, Any]:
+    """The record minus durationMs (see test_durations_survive_a_restart_unchanged)."""
+    return {key: value for key, value in job.items() if key != "durationMs"}
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def assert_numbered(events: list[Event]) -> None:
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+
+
+def output(line: str, stream: str = "stdout") -> tuple[str, dict[str, Any]]:
+    return ("output", {"line": line, "stream": stream, "timestamp": 1})
+
+
+def make_log(path: Path, lines: list[str], *, terminal: bool) -> JobLog:
+    log = JobLog.create(path)
+    log.append("status", {"status": "running", "timestamp": 1})
+    log.extend(output(line) for line in lines)
+    if terminal:
+        log.extend([("status", {"status": "completed", "timestamp": 2}), ("complete", {"status": "completed"})])
+    return log
+
+
+def frames_of(blob: bytes) -> list[bytes]:
+    return [frame + b"\n\n" for frame in blob.split(b"\n\n") if frame]
+
+
+# --- restarts over HTTP -----------------------------------------------------------------
+
+
+async def test_a_finished_job_is_served_the_same_after_a_restart(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    config = make_config({"lines": [PY, "lines.py", "30"], "fail": [PY, "both.py", "2"]})
+    client = await start(config)
+    ids = [await submit(client, "lines"), await submit(client, "fail")]
+    before = {}
+    for job_id in ids:
+        events = await follow(client, job_id)
+        before[job_id] = (await job_of(client, job_id), await log_of(client, job_id), events)
+    listing = await get_data(client, "/api/jobs")
+    counts = await get_data(client, "/api/queue/status")
+    await client.close()
+
+    client = await start(config)
+    for job_id, (job, log, events) in before.items():
+        assert without_duration(await job_of(client, job_id)) == without_duration(job)
+        assert await log_of(client, job_id) == log
+        assert await follow(client, job_id) == events
+        assert await follow(client, job_id, **{"Last-Event-ID": "3"}) == events[3:]
+        assert events[-1].event == "complete"
+    assert [without_duration(job) for job in await get_data(client, "/api/jobs")] == [
+        without_duration(job) for job in listing
+    ]
+    assert lines_of(before[ids[0]][2]) == [f"line {i}" for i in range(30)]
+    assert (await get_data(client, "/api/queue/status")) == counts
+    assert (counts["completed"], counts["failed"]) == (1, 1)
+    assert (await client.delete(f"/api/jobs/{ids[0]}")).status == 409
+
+    new = await submit(client, "lines")  # and the restarted service runs jobs
+    assert (await follow(client, new))[-1].data["status"] == "completed"
+
+
+async def test_a_queued_job_runs_after_a_restart_and_the_running_one_is_lost(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    config = make_config({"gate": [PY, "-c", PID_GATE, str(gate)], "hello": [PY, "hello.py"]}, queue={"workers": 1})
+    client = await start(config)
+    running = await submit(client, "gate")
+    queued = await submit(client, "hello")
+    started = await wait_until(client, running, "outputLines", 1)
+    pid = int((await log_of(client, running)).split()[1])
+    assert started["status"] == "running" and alive(pid)
+    await client.close()
+
+    jobs_dir = config.server.data_dir / "jobs"
+    assert json.loads((jobs_dir / f"{queued}.json").read_text())["status"] == "queued"
+    assert not alive(pid)  # the service stopped: the tool did not outlive it
+
+    client = await start(config)
+    events = await follow(client, queued)
+    assert_numbered(events)
+    assert events[0].event == "status" and events[0].data["status"] == "running"
+    assert lines_of(events) == ["hello", "world"]
+    assert events[-1].event == "complete" and events[-1].data["status"] == "completed"
+    assert (await job_of(client, queued))["status"] == "completed"
+
+    lost = await job_of(client, running)
+    assert lost["status"] == "lost" and lost["exitCode"] is None
+    assert lost["completedAt"] is not None and isinstance(lost["error"], str)
+    events = await follow(client, running)
+    assert_numbered(events)
+    assert lines_of(events) == [f"pid {pid}"]
+    assert [e.event for e in events][-2:] == ["status", "error"]
+    assert events[-2].data["status"] == "lost"
+    assert isinstance(events[-1].data["message"], str) and events[-1].data["message"]
+    assert (await client.delete(f"/api/jobs/{running}")).status == 409
+
+
+async def test_a_job_running_at_a_crash_is_lost_after_the_restart(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    config = make_config({"gate": [PY, "gate.py", str(gate)]})
+    client = await start(config)
+    job_id = await submit(client, "gate")
+    await wait_until(client, job_id, "outputLines", 1)
+    jobs_dir = config.server.data_dir / "jobs"
+    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    await client.close()
+    # what a crash (kill -9, power loss) leaves: the record still says running, the log has
+    # no end and a frame half written
+    (jobs_dir / f"{job_id}.json").write_bytes(record)
+    (jobs_dir / f"{job_id}.log").write_bytes(log + TORN_FRAME)
+    assert json.loads(record)["status"] == "running"
+
+    client = await start(config)
+    job = await job_of(client, job_id)
+    assert job["status"] == "lost" and job["completedAt"] is not None and isinstance(job["error"], str)
+    events = await follow(client, job_id)
+    assert_numbered(events)
+    assert [e.event for e in events] == ["status", "output", "status", "error"]
+    assert lines_of(events) == ["waiting"]
+    assert events[2].data["status"] == "lost"
+    assert await log_of(client, job_id) == "waiting\n"
+    assert not gate.exists()
+
+
+async def test_a_job_lost_in_a_crash_counts_the_output_it_logged(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    config = make_config({"gate": [PY, "gate.py", str(tmp_path / "gate")]})
+    client = await start(config)
+    job_id = await submit(client, "gate")
+    await wait_until(client, job_id, "outputLines", 1)
+    jobs_dir = config.server.data_dir / "jobs"
+    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    await client.close()
+    (jobs_dir / f"{job_id}.json").write_bytes(record)
+    (jobs_dir / f"{job_id}.log").write_bytes(log)
+
+    client = await start(config)
+    job = await job_of(client, job_id)
+    assert job["status"] == "lost"
+    assert (job["outputLines"], job["outputBytes"]) == (1, len("waiting\n"))
+
+
+async def test_retention_keeps_only_the_newest_jobs(make_config: ConfigFactory, start: ClientFactory) -> None:
+    config = make_config({"hello": [PY, "hello.py"]}, server={"retention_jobs": 3})
+    client = await start(config)
+    ids = []
+    for _ in range(5):
+        ids.append(await submit(client, "hello"))
+        await follow(client, ids[-1])
+    kept, gone = ids[2:], ids[:2]
+
+    async def check(client: Client) -> None:
+        assert [job["jobId"] for job in await get_data(client, "/api/jobs")] == kept[::-1]
+        for job_id in gone:
+            for path in (f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/log", f"/api/stream/{job_id}"):
+                response = await client.get(path)
+                assert response.status == 404, path
+                assert (await response.json())["error"]["code"] == "unknown_job"
+        for job_id in kept:
+            assert lines_of(await follow(client, job_id)) == ["hello", "world"]
+        files = {path.name for path in (config.server.data_dir / "jobs").iterdir()}
+        assert files == {f"{job_id}.{ext}" for job_id in kept for ext in ("json", "log")}
+
+    await check(client)
+    await client.close()
+    await check(await start(config))
+
+
+async def test_a_finished_job_is_kept_while_newer_jobs_are_unfinished(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gates = [tmp_path / "gate-a", tmp_path / "gate-b"]
+    tools = {"a": [PY, "gate.py", str(gates[0])], "b": [PY, "gate.py", str(gates[1])]}
+    client = await start(make_config(tools, queue={"workers": 1}, server={"retention_jobs": 1}))
+    first, second = await submit(client, "a"), await submit(client, "b")
+    async with client.get(f"/api/stream/{first}") as live:
+        events = read_sse(live)
+        async for item in events:
+            if isinstance(item, Event) and item.event == "output":
+                break
+        gates[0].touch()
+        await wait_until(client, second, "status", "running")  # so the first has finished
+
+        # the only finished job is within retention_jobs = 1
+        assert (await job_of(client, first))["status"] == "completed"
+        async with asyncio.timeout(10):  # a hang guard: the response should already be over
+            rest = [item async for item in events if isinstance(item, Event)]
+    assert rest[-1].event == "complete"
+    gates[1].touch()
+    assert (await follow(client, second))[-1].event == "complete"
+
+
+async def test_a_torn_log_tail_and_half_written_records_do_not_stop_a_restart(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    config = make_config({"lines": [PY, "lines.py", "12"]})
+    client = await start(config)
+    job_id = await submit(client, "lines")
+    events = await follow(client, job_id)
+    job, log = await job_of(client, job_id), await log_of(client, job_id)
+    await client.close()
+
+    jobs_dir = config.server.data_dir / "jobs"
+    log_path = jobs_dir / f"{job_id}.log"
+    size = log_path.stat().st_size
+    with log_path.open("ab") as file:
+        file.write(TORN_FRAME)
+    tmp_record = jobs_dir / f"{uuid.uuid4()}.json.tmp"
+    tmp_record.write_bytes(b'{"jobId": "' + str(uuid.uuid4()).encode() + b'", "toolId": "li')
+    (jobs_dir / f"{uuid.uuid4()}.json").write_bytes(b'{"jobId": "half a rec')  # not even renamed into place
+
+    client = await start(config)
+    assert without_duration(await job_of(client, job_id)) == without_duration(job)
+    assert await follow(client, job_id) == events
+    assert await log_of(client, job_id) == log
+    assert log_path.stat().st_size == size  # the torn tail was cut off
+    assert not tmp_record.exists()
+    assert [j["jobId"] for j in await get_data(client, "/api/jobs")] == [job_id]
+    new = await submit(client, "lines")
+    assert lines_of(await follow(client, new)) == [f"line {i}" for i in range(12)]
+
+
+# --- JobStore ---------------------------------------------------------------------------
+
+
+def test_a_store_records_a_job_and_its_log(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    assert store.recover() == []
+    job = store.add("tool", "proj")
+    record = json.loads((tmp_path / "jobs" / f"{job.job_id}.json").read_text())
+    assert record["job_id"] == job.job_id and record["status"] == "queued"
+    assert (tmp_path / "jobs" / f"{job.job_id}.log").read_bytes() == b""
+    assert store.get(job.job_id) is job
+    assert store.log(job.job_id).last_seq == 0
+    with pytest.raises(UnknownJob):
+        store.get("nope")
+    with pytest.raises(UnknownJob):
+        store.log("nope")
+    store.close()
+
+
+def test_recover_returns_queued_jobs_and_ends_running_ones_as_lost(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    running, queued, done = store.add("t", "p"), store.add("t", "p"), store.add("t", "p")
+    for job in (running, done):
+        job.transition(JobStatus.RUNNING)
+        store.save(job)
+        store.log(job.job_id).append("status", {"status": "running", "timestamp": 1})
+        store.log(job.job_id).append("output", {"line": "x", "stream": "stdout", "timestamp": 1})
+    done.transition(JobStatus.COMPLETED)
+    store.log(done.job_id).append("complete", {"status": "completed"})
+    store.save(done)
+    store.close()  # no clean end for `running`: the service went away
+
+    again = JobStore(tmp_path, 10)
+    assert [job.job_id for job in again.recover()] == [queued.job_id]
+    assert again.get(running.job_id).status is JobStatus.LOST
+    assert again.get(done.job_id).status is JobStatus.COMPLETED
+    kinds = [kind for _, kind, _ in again.log(running.job_id).events()]
+    assert kinds == ["status", "output", "status", "error"]
+    assert again.log(running.job_id).finished
+    record = json.loads((tmp_path / "jobs" / f"{running.job_id}.json").read_text())
+    assert record["status"] == "lost"
+    again.close()
+
+
+def test_recover_keeps_the_order_jobs_came_in_within_one_millisecond(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 100)
+    store.recover()
+    jobs = [store.add("t", "p") for _ in range(12)]
+    for i, job in enumerate(jobs):  # as a burst of submissions is: distinct instants, one millisecond
+        job.created_at = 1_700_000_000.0001 + i * 0.00005
+        store.save(job)
+    store.close()
+
+    again = JobStore(tmp_path, 100)
+    assert [job.job_id for job in again.recover()] == [job.job_id for job in jobs]
+    assert [job.job_id for job in again.newest()] == [job.job_id for job in reversed(jobs)]
+    again.close()
+
+
+def test_durations_survive_a_restart_unchanged(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    job = store.add("t", "p")
+    job.transition(JobStatus.RUNNING)
+    job.started_at = 1_700_000_000.0009
+    job.transition(JobStatus.COMPLETED)
+    job.completed_at = 1_700_000_000.0301
+    store.save(job)
+    before = job.to_json()
+    store.close()
+
+    again = JobStore(tmp_path, 10)
+    again.recover()
+    assert again.get(job.job_id).to_json() == before
+    again.close()
+
+
+def test_prune_removes_the_oldest_finished_jobs_with_their_files(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 2)
+    store.recover()
+    jobs = [store.add("t", "p") for _ in range(4)]
+    for job in jobs:
+        job.transition(JobStatus.RUNNING)
+        job.transition(JobStatus.COMPLETED)
+        store.log(job.job_id).append("complete", {"status": "completed"})
+        store.save(job)
+    assert list(store.jobs) == [job.job_id for job in jobs[2:]]
+    names = {path.name for path in (tmp_path / "jobs").iterdir()}
+    assert names == {f"{job.job_id}.{ext}" for job in jobs[2:] for ext in ("json", "log")}
+    store.close()
+
+
+# --- JobLog -----------------------------------------------------------------------------
+
+
+def test_events_are_numbered_from_one_and_stored_as_frames(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "a.log", ["one", "two", "three"], terminal=True)
+    assert log.last_seq == 6 and log.finished
+    expected = [
+        encode_frame(1, "status", {"status": "running", "timestamp": 1}),
+        *(
+            encode_frame(seq, "output", {"line": line, "stream": "stdout", "timestamp": 1, "seq": seq})
+            for seq, line in ((2, "one"), (3, "two"), (4, "three"))
+        ),
+        encode_frame(5, "status", {"status": "completed", "timestamp": 2}),
+        encode_frame(6, "complete", {"status": "completed"}),
+    ]
+    assert (tmp_path / "a.log").read_bytes() == b"".join(expected)
+    assert [seq for seq, _, _ in log.events()] == [1, 2, 3, 4, 5, 6]
+    assert list(log.output_lines()) == ["one", "two", "three"]
+    assert list(parse_frames(b"".join(expected))) == list(log.events())
+
+
+def test_frames_after_returns_whole_frames_within_the_size(tmp_path: Path) -> None:
+    log = make_log(tmp_path / "a.log", [f"line {i} " + "x" * i for i in range(10)], terminal=False)
+    frames = frames_of((tmp_path / "a.log").read_bytes())
+    assert len(frames) == log.last_seq == 11
+
+    assert log.frames_after(0, 10**9) == (b"".join(frames), 11)
+    assert log.frames_after(-5, 10**9) == (b"".join(frames), 11)
+    assert log.frames_after(11, 10**9) == (b"", 11)
+    assert log.frames_after(20, 10**9) == (b"", 20)
+    for seq in range(11):
+        assert log.frames_after(seq, 0) == (frames[seq], seq + 1)  # at least one frame
+        assert log.frames_after(seq, 1) == (frames[seq], seq + 1)
+        for count in range(2, 11 - seq + 1):
+            size = sum(len(frame) for frame in frames[seq : seq + count])
+            assert log.frames_after(seq, size) == (b"".join(frames[seq : seq + count]), seq + count)
+            assert log.frames_after(seq, size - 1) == (b"".join(frames[seq : seq + count - 1]), seq + count - 1)
+    log.close()
+
+
+def test_frames_after_reads_the_file_once_the_window_is_trimmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(joblog_module, "MEMORY_WINDOW_BYTES", 512)
+    log = JobLog.create(tmp_path / "a.log")
+    for i in range(200):
+        log.append("output", {"line": f"line {i}", "stream": "stdout", "timestamp": 1})
+    frames = frames_of((tmp_path / "a.log").read_bytes())
+    assert len(frames) == 200
+    assert log._window_start > 0  # the precondition: the oldest frames are no longer in memory
+
+    for seq in range(200):
+        assert log.frames_after(seq, 1) == (frames[seq], seq + 1)
+    assert log.frames_after(0, 10**9) == (b"".join(frames), 200)
+    assert log.frames_after(150, 10**9) == (b"".join(frames[150:]), 200)
+    cursor, seen = 0, []
+    while cursor < log.last_seq:  # a slow reader catching up in small bites
+        blob, cursor = log.frames_after(cursor, 300)
+        seen.append(blob)
+    assert b"".join(seen) == b"".join(frames)
+    assert [data["line"] for _, _, data in log.events()] == [f"line {i}" for i in range(200)]
+    log.close()
+    assert log.frames_after(0, 10**9) == (b"".join(frames), 200)  # closed: still served
+
+
+def test_load_cuts_a_torn_tail_of_a_finished_log(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    make_log(path, ["one", "two"], terminal=True).close()
+    whole = path.read_bytes()
+    with path.open("ab") as file:
+        file.write(TORN_FRAME)
+
+    log = JobLog.load(path)
+    assert log.last_seq == 5 and log.finished
+    assert path.read_bytes() == whole
+    assert log.frames_after(0, 10**9) == (whole, 5)
+    assert list(log.output_lines()) == ["one", "two"]
+    with pytest.raises(RuntimeError):
+        log.append("output", {"line": "more", "stream": "stdout", "timestamp": 1})
+
+
+def test_a_loaded_unfinished_log_continues_its_numbering(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    make_log(path, ["one", "two"], terminal=False).close()
+    with path.open("ab") as file:
+        file.write(TORN_FRAME)
+
+    log = JobLog.load(path)
+    assert log.last_seq == 3 and not log.finished
+    log.reopen()
+    assert log.append("error", {"message": "lost"}) == 4
+    assert log.finished
+    events = list(parse_frames(path.read_bytes()))
+    assert [(seq, kind) for seq, kind, _ in events] == [(1, "status"), (2, "output"), (3, "output"), (4, "error")]
+    assert list(JobLog.load(path).events()) == events
+
+
+@pytest.mark.parametrize("content", [b"", TORN_FRAME, b"id: 1\nevent: status\n"], ids=["empty", "torn", "no-end"])
+def test_load_of_a_log_without_a_whole_frame_is_empty(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "a.log"
+    path.write_bytes(content)
+    log = JobLog.load(path)
+    assert log.last_seq == 0 and not log.finished
+    assert path.read_bytes() == b""
+    assert log.frames_after(0, 10**9) == (b"", 0)
+
+
+def test_load_of_a_missing_log_is_empty(tmp_path: Path) -> None:
+    log = JobLog.load(tmp_path / "missing.log")
+    assert log.last_seq == 0 and not log.finished and list(log.events()) == []
+
+
+def test_create_replaces_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.log"
+    path.write_bytes(b"old content\n\n")
+    log = JobLog.create(path)
+    assert log.last_seq == 0 and path.read_bytes() == b""
+    log.append("status", {"status": "running", "timestamp": 1})
+    assert path.read_bytes() == encode_frame(1, "status", {"status": "running", "timestamp": 1})
+    log.close()
+
+
+async def test_changed_resolves_on_append_and_once_finished(tmp_path: Path) -> None:
+    log = JobLog.create(tmp_path / "a.log")
+    first = log.changed()
+    assert not first.done() and log.changed() is first
+    log.append("status", {"status": "running", "timestamp": 1})
+    assert first.done()
+    second = log.changed()
+    assert not second.done()
+    log.append("complete", {"status": "completed"})
+    assert second.done() and log.finished
+    assert log.changed().done()  # nothing more will come: a waiter never blocks
+
+
+async def test_abandon_ends_a_log_without_a_terminal_event(tmp_path: Path) -> None:
+    log = JobLog.create(tmp_path / "a.log")
+    log.append("status", {"status": "running", "timestamp": 1})
+    waiter = log.changed()
+    log.abandon()
+    assert waiter.done() and log.finished
+    assert [kind for _, kind, _ in log.events()] == ["status"]
+
+
+async def test_a_live_subscriber_and_a_late_one_see_the_same_log(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(joblog_module, "MEMORY_WINDOW_BYTES", 4096)  # most of the job is read back from its file
+    gate = tmp_path / "gate"
+    script = "import os,sys,time\nfor i in range(3000): print(f'a {i}')\nprint('mid', flush=True)\n"
+    script += f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\nfor i in range(3000): print(f'b {{i}}')\n"
+    client = await start(make_config({"two-phase": [PY, "-c", script]}))
+    job_id = await submit(client, "two-phase")
+    await wait_until(client, job_id, "outputLines", 3001)
+    async with client.get(f"/api/stream/{job_id}") as live:
+        gate.touch()
+        events = await collect(live)
+    assert_numbered(events)
+    assert lines_of(events) == [f"a {i}" for i in range(3000)] + ["mid"] + [f"b {i}" for i in range(3000)]
+    assert await follow(client, job_id) == events
+    assert await log_of(client, job_id) == "".join(line + "\n" for line in lines_of(events))
