@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test lint clean
+.PHONY: run test lint smoke clean
 
 # The venv is made, and the package installed with its test and lint extras, when missing.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -16,6 +16,9 @@ run: $(VENV)/.installed  ## the service with its embedded default (demo tools, d
 
 test: $(VENV)/.installed  ## the whole test suite
 	$(PY) -m pytest -q $(ARGS)
+
+smoke: $(VENV)/.installed  ## a real service on a free port: every demo tool end to end, then SIGTERM
+	$(PY) scripts/smoke.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check streamsvc tests scripts

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from attrs import define, frozen
 
@@ -34,8 +37,9 @@ class RunSpec:
 
     @staticmethod
     def clean_env(extra: dict[str, str]) -> dict[str, str]:
-        """PATH, HOME and LANG, then what the tool's config names: nothing of the server's."""
-        return {"PATH": BASE_PATH, "HOME": "/tmp", "LANG": "C.UTF-8"} | dict(extra)
+        """PATH and LANG, then what the tool's config names: nothing of the server's.
+        The run adds HOME: a fresh folder per job."""
+        return {"PATH": BASE_PATH, "LANG": "C.UTF-8"} | dict(extra)
 
 
 @frozen
@@ -73,12 +77,26 @@ class Run:
             self._stopped.set()
 
     async def execute(self) -> Outcome:
+        if not self.spec.cwd.is_dir():
+            return Outcome(JobStatus.FAILED, error=f"the working folder {self.spec.cwd.name!r} does not exist")
         jail = self.sandbox.jail(self.spec.limits)
+        home = Path(tempfile.mkdtemp(prefix="streamsvc-home-"))
         try:
-            proc = await asyncio.create_subprocess_exec(
+            if self.sandbox.user is not None:
+                os.chown(home, *self.sandbox.user)
+            return await self._spawn_and_follow(jail, home)
+        finally:
+            await _empty(jail)
+            await asyncio.to_thread(shutil.rmtree, home, ignore_errors=True)
+
+    async def _spawn_and_follow(self, jail: Jail, home: Path) -> Outcome:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                _ExitAwareProtocol,
                 *self.spec.argv,
                 cwd=self.spec.cwd,
-                env=self.spec.env,
+                env=self.spec.env | {"HOME": str(home)},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -86,49 +104,46 @@ class Run:
                 preexec_fn=jail.preexec,
             )
         except (OSError, subprocess.SubprocessError) as exc:
-            await _empty(jail)
             reason = getattr(exc, "strerror", None) or str(exc)
             return Outcome(JobStatus.FAILED, error=f"cannot start {self.spec.argv[0]!r}: {reason}")
-        assert proc.stdout is not None and proc.stderr is not None
+        assert protocol.stdout is not None and protocol.stderr is not None
         pumps = [
-            asyncio.create_task(self._pump(proc.stdout, "stdout")),
-            asyncio.create_task(self._pump(proc.stderr, "stderr")),
+            asyncio.create_task(self._pump(protocol.stdout, "stdout")),
+            asyncio.create_task(self._pump(protocol.stderr, "stderr")),
         ]
+        pid = transport.get_pid()
         try:
-            await self._supervise(proc)
+            await self._supervise(pid, protocol.exited)
         finally:
-            await self._finish(proc, jail, pumps)
-        return self._outcome(proc.returncode, jail)
+            await self._drain(pid, jail, pumps)
+            transport.close()
+        return self._outcome(transport.get_returncode(), jail)
 
-    async def _supervise(self, proc: asyncio.subprocess.Process) -> None:
+    async def _supervise(self, pid: int, exited: asyncio.Future[None]) -> None:
         """Wait for the exit, a stop or the timeout; on the last two, TERM then KILL the group."""
-        exited = asyncio.ensure_future(proc.wait())
         stopped = asyncio.ensure_future(self._stopped.wait())
+        either: set[asyncio.Future[Any]] = {exited, stopped}
         try:
-            await asyncio.wait(
-                {exited, stopped}, timeout=self.spec.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait(either, timeout=self.spec.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED)
             if exited.done():
                 return
             self.stop(JobStatus.TIMEOUT, f"timed out after {self.spec.limits.timeout_s:g} s")
-            _signal_group(proc.pid, signal.SIGTERM)
+            _signal_group(pid, signal.SIGTERM)
             await asyncio.wait({exited}, timeout=self.spec.limits.kill_grace_s)
         finally:
             stopped.cancel()
             if not exited.done():
-                _signal_group(proc.pid, signal.SIGKILL)
+                _signal_group(pid, signal.SIGKILL)
                 await asyncio.wait({exited}, timeout=REAP_BOUND_S)
-                exited.cancel()
 
-    async def _finish(self, proc: asyncio.subprocess.Process, jail: Jail, pumps: list[asyncio.Task[None]]) -> None:
-        """Kill whatever the tool left running, drain the pipes, release the jail."""
-        _signal_group(proc.pid, signal.SIGKILL)
+    async def _drain(self, pid: int, jail: Jail, pumps: list[asyncio.Task[None]]) -> None:
+        """Kill whatever the tool left running (no orphan survives its job), drain the pipes."""
+        _signal_group(pid, signal.SIGKILL)
         jail.kill_all()
         _, pending = await asyncio.wait(pumps, timeout=self.spec.limits.kill_grace_s + 1)
         for pump in pending:  # a descendant outside our reach still holds a pipe
             pump.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        await _empty(jail)
 
     def _outcome(self, returncode: int | None, jail: Jail) -> Outcome:
         exit_code = returncode if returncode is not None and returncode >= 0 else None
@@ -152,9 +167,11 @@ class Run:
         max_line = self.spec.limits.max_line_bytes
         partial = b""
         while chunk := await stream.read(READ_CHUNK_BYTES):
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            while len(partial) > max_line:
+            *complete, partial = (partial + chunk).split(b"\n")
+            lines = [line.removesuffix(b"\r") for line in complete]
+            # an unfinished line is cut only where a finished one would be: a "\r" at its
+            # end may yet be part of "\r\n", so it does not count
+            while len(partial.removesuffix(b"\r")) > max_line:
                 head, partial = _split_at(partial, max_line)
                 lines.append(head)
             self._emit(name, lines)
@@ -168,7 +185,7 @@ class Run:
         cap = self.spec.limits.max_output_bytes
         batch = []
         for raw in raw_lines:
-            for piece in _pieces(raw.removesuffix(b"\r"), max_line):
+            for piece in _pieces(raw, max_line):
                 if self.output_bytes + len(piece) + 1 > cap:
                     self._truncated = True
                     self.stop(JobStatus.FAILED, f"output exceeded max_output_bytes ({cap} bytes); the job was stopped")
@@ -183,6 +200,21 @@ class Run:
             except OSError as exc:
                 self._truncated = True
                 self.stop(JobStatus.FAILED, f"cannot write the job log: {exc.strerror}")
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Knows the moment the process exits, even while a descendant still holds its pipes
+    (Python 3.11's `Process.wait()` also waits for the pipes to close)."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(limit=READ_CHUNK_BYTES, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
 
 
 def _pieces(raw: bytes, max_line: int) -> list[bytes]:

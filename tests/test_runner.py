@@ -1,0 +1,660 @@
+"""The runner, end to end: how a tool's process is started, confined, read, and ended.
+
+Every test runs real subprocesses (small Python scripts run with `sys.executable`) through
+the service over a real socket and reads the result from the SSE stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import textwrap
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp.test_utils import TestClient
+from aiohttp.web import Application
+from conftest import PY, ClientFactory, ConfigFactory, Event, eventually, follow, lines_of, read_sse, submit
+
+from streamsvc.sandbox import Sandbox
+
+Client = TestClient[Any, Application]
+
+#: an argument of every process the tests start on purpose, so teardown never kills a reused pid
+MARKER = "streamsvc-test-sleeper"
+#: a grandchild: argv is [ready_fd, MARKER, term_file]; it writes one byte to the fd `ready_fd`
+#: (unless "-"), then sleeps; on SIGTERM it writes "TERM" to `term_file` (unless "-") and exits
+SLEEPER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    ready_fd, _, term_file = sys.argv[1:4]
+
+    def on_term(signum, frame):
+        if term_file != "-":
+            with open(term_file, "w") as f:
+                f.write("TERM")
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if ready_fd != "-":
+        os.write(int(ready_fd), b"x")
+    time.sleep(60)
+    """
+)
+#: the bound on any wait for something that should happen at once
+BOUND_S = 10.0
+
+
+def spawner(then: str, *, new_session: bool = False, holds_output: bool = True, term_file: str = "-") -> str:
+    """A tool script: starts a SLEEPER grandchild (which inherits the job's stdout and stderr
+    if `holds_output`), waits until it runs, prints `tool <pid>` and `grandchild <pid>`,
+    then runs `then`."""
+    redirect = "None" if holds_output else "subprocess.DEVNULL"
+    head = f"""
+        import os, signal, subprocess, sys, time
+        r, w = os.pipe()
+        child = subprocess.Popen(
+            [sys.executable, "-c", {SLEEPER!r}, str(w), {MARKER!r}, {term_file!r}],
+            pass_fds=(w,),
+            start_new_session={new_session!r},
+            stdout={redirect},
+            stderr={redirect},
+        )
+        os.close(w)
+        assert os.read(r, 1) == b"x"
+        print("tool", os.getpid(), flush=True)
+        print("grandchild", child.pid, flush=True)
+    """
+    return textwrap.dedent(head) + textwrap.dedent(then)
+
+
+def py_tool(body: str, *args: str, **options: Any) -> dict[str, Any]:
+    """A tool table running `body` with `python -c`."""
+    return {"argv": [PY, "-c", textwrap.dedent(body), *args], **options}
+
+
+@attrs.frozen
+class Done:
+    """A job followed to its end."""
+
+    client: Client
+    job_id: str
+    events: list[Event]
+
+    @property
+    def result(self) -> dict[str, Any]:
+        last = self.events[-1]
+        assert last.event == "complete", self.events
+        data: dict[str, Any] = last.data
+        return data
+
+    @property
+    def lines(self) -> list[str]:
+        return lines_of(self.events)
+
+    def output(self) -> list[tuple[str, str]]:
+        return [(e.data["stream"], e.data["line"]) for e in self.events if e.event == "output"]
+
+    def pid(self, name: str) -> int:
+        """The pid a `spawner` tool printed as `<name> <pid>`."""
+        for line in self.lines:
+            label, _, pid = line.partition(" ")
+            if label == name:
+                return int(pid)
+        raise AssertionError(f"no {name!r} line in {self.lines}")
+
+    async def job(self) -> dict[str, Any]:
+        response = await self.client.get(f"/api/jobs/{self.job_id}")
+        assert response.status == 200, await response.text()
+        data: dict[str, Any] = (await response.json())["data"]
+        return data
+
+
+async def run(start: ClientFactory, make_config: ConfigFactory, tool: Any, **sections: dict[str, Any]) -> Done:
+    """Start the service with one tool `t`, run it once and follow it to its end."""
+    client = await start(make_config({"t": tool}, **sections))
+    job_id = await submit(client, "t")
+    async with asyncio.timeout(BOUND_S * 2):
+        events = await follow(client, job_id)
+    return Done(client, job_id, events)
+
+
+async def follow_acting(client: Client, job_id: str, line_prefix: str, action: Callable[[], Awaitable[None]]) -> Done:
+    """Follow a job; the first time an output line starts with `line_prefix`, await
+    `action()`, then follow on to the end."""
+    events: list[Event] = []
+    acted = False
+    async with asyncio.timeout(BOUND_S * 2), client.get(f"/api/stream/{job_id}") as response:
+        assert response.status == 200
+        async for item in read_sse(response):
+            if not isinstance(item, Event):
+                continue
+            events.append(item)
+            if not acted and item.event == "output" and item.data["line"].startswith(line_prefix):
+                acted = True
+                await action()
+    assert acted, lines_of(events)
+    return Done(client, job_id, events)
+
+
+def is_gone(pid: int) -> bool:
+    """True when `pid` has exited (no longer exists, or is a zombie nobody reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state in ("Z", "X")
+
+
+async def assert_gone(pid: int) -> None:
+    """Wait (bounded) until `pid` is gone: a SIGKILL takes a moment to land."""
+    await eventually(lambda: is_gone(pid), f"process {pid} is gone", bound_s=BOUND_S)
+
+
+class Reaper:
+    """The pids of processes a test learnt its tools left behind."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def track(self, pid: int) -> int:
+        self.pids.append(pid)
+        return pid
+
+    def kill_leftovers(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(OSError):
+                if MARKER.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def reaper() -> Iterator[Reaper]:
+    """If a regression leaves a test's processes running, they are killed after the test."""
+    tracked = Reaper()
+    yield tracked
+    tracked.kill_leftovers()
+
+
+def cgroup_controllers() -> set[str]:
+    """The controllers the service can make per-job groups in on this host."""
+    sandbox = Sandbox.detect("")
+    try:
+        return set(sandbox.cgroup_parents)
+    finally:
+        sandbox.close()
+
+
+CONTROLLERS = cgroup_controllers()
+needs_pids_cgroup = pytest.mark.skipif(
+    "pids" not in CONTROLLERS,
+    reason="no writable cgroup-v1 pids hierarchy: without it the service cannot bound processes or find "
+    "processes that left the job's process group, when it runs as root",
+)
+needs_memory_cgroup = pytest.mark.skipif(
+    "memory" not in CONTROLLERS,
+    reason="no writable cgroup-v1 memory hierarchy: the service falls back to RLIMIT_AS",
+)
+
+
+# --- how the process is started --------------------------------------------------------
+
+
+async def test_argv_is_executed_without_a_shell(make_config: ConfigFactory, start: ClientFactory) -> None:
+    args = ["$HOME; echo pwned", "`id`", "$(id)", "*", "a b", "'quoted'", "x > /tmp/streamsvc-pwned", "|", "&&"]
+    done = await run(start, make_config, py_tool("import sys\nfor a in sys.argv[1:]: print(repr(a))", *args))
+
+    assert done.result["status"] == "completed"
+    assert done.lines == [repr(a) for a in args]
+
+
+@pytest.mark.parametrize(
+    ("argv0", "reason"),
+    [
+        ("/nonexistent/streamsvc-no-such-tool", "No such file"),
+        ("streamsvc-no-such-tool", "No such file"),
+        ("echo pwned", "No such file"),  # a shell string is one program name, not a command line
+        ("./data.txt", "Permission denied"),  # exists, not executable
+    ],
+)
+async def test_a_program_that_cannot_start_fails_the_job_cleanly(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path, argv0: str, reason: str
+) -> None:
+    (tmp_path / "projects" / "proj" / "data.txt").write_text("not a program\n")
+    done = await run(start, make_config, [argv0, "arg"])
+
+    assert done.result["status"] == "failed"
+    assert argv0 in done.result["error"] and reason in done.result["error"]
+    assert done.result["exitCode"] is None and done.result["signal"] is None
+    assert done.lines == []
+    job = await done.job()
+    assert job["status"] == "failed" and job["error"] == done.result["error"]
+
+
+async def test_cwd_is_the_project_folder(make_config: ConfigFactory, start: ClientFactory, tmp_path: Path) -> None:
+    done = await run(start, make_config, py_tool("import os; print(os.getcwd())"))
+    assert done.lines == [str((tmp_path / "projects" / "proj").resolve())]
+
+
+async def test_tool_cwd_option_is_a_subfolder_of_the_project(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    sub = tmp_path / "projects" / "proj" / "src" / "pkg"
+    sub.mkdir(parents=True)
+    (sub / "marker.txt").write_text("here\n")
+    tool = py_tool("import os; print(os.getcwd()); print(open('marker.txt').read().strip())", cwd="src/pkg")
+    done = await run(start, make_config, tool)
+    assert done.lines == [str(sub.resolve()), "here"]
+
+
+async def test_a_missing_cwd_fails_with_an_error_naming_the_folder(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    done = await run(start, make_config, py_tool("print('ran')", cwd="no-such-dir"))
+    assert done.result["status"] == "failed"
+    assert done.lines == []
+    assert "no-such-dir" in done.result["error"]
+
+
+async def test_tool_cwd_cannot_be_a_symlink_out_of_the_project(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "projects" / "proj" / "build").symlink_to(outside)
+    done = await run(start, make_config, py_tool("import os; print(os.getcwd())", cwd="build"))
+
+    project = (tmp_path / "projects" / "proj").resolve()
+    ran_inside = done.result["status"] == "completed" and Path(done.lines[0]).is_relative_to(project)
+    refused = done.result["status"] == "failed" and done.lines == []
+    assert ran_inside or refused, (done.result["status"], done.lines)
+
+
+@pytest.fixture
+def service_stdin_open_pipe() -> Iterator[None]:
+    """The service's own stdin becomes a pipe held open for the test, so a tool that
+    inherited it would block on reading it (not find /dev/null by chance)."""
+    read_end, write_end = os.pipe()
+    saved = os.dup(0)
+    os.dup2(read_end, 0)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, read_end, write_end):
+            os.close(fd)
+
+
+@pytest.mark.usefixtures("service_stdin_open_pipe")
+async def test_stdin_is_dev_null(make_config: ConfigFactory, start: ClientFactory) -> None:
+    body = """
+        import os, sys
+        print(len(sys.stdin.buffer.read()))
+        print(os.path.realpath("/proc/self/fd/0"))
+    """
+    done = await run(start, make_config, py_tool(body, timeout_s=3, kill_grace_s=0.2))
+    assert done.result["status"] == "completed"  # an inherited open pipe would block the read to a timeout
+    assert done.lines == ["0", "/dev/null"]
+
+
+async def test_no_descriptor_of_the_service_leaks_into_the_tool(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    body = """
+        import os
+        for fd in range(3, 4096):
+            try:
+                os.fstat(fd)
+            except OSError:
+                continue
+            print("open", fd, os.readlink(f"/proc/self/fd/{fd}"))
+        print("checked")
+    """
+    done = await run(start, make_config, py_tool(body))
+    assert done.lines == ["checked"]  # not the listening socket, a client connection, a job log...
+
+
+async def test_environment_is_clean(
+    make_config: ConfigFactory, start: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STREAMSVC_SECRET", "hunter2")
+    monkeypatch.setenv("PYTHONPATH", "/leaked")
+    tool = {"argv": [PY, "env.py"], "env": {"TOOL_FLAG": "on", "LC_ALL": "C"}}
+    done = await run(start, make_config, tool)
+
+    env = dict(line.split("=", 1) for line in done.lines)
+    assert set(env) == {"PATH", "HOME", "LANG", "TOOL_FLAG", "LC_ALL"}
+    assert env["TOOL_FLAG"] == "on" and env["LC_ALL"] == "C"
+    assert all(env[key] for key in ("PATH", "HOME", "LANG"))
+    assert not any("hunter2" in line or "/leaked" in line for line in done.lines)
+
+
+async def test_tool_runs_in_its_own_session_and_process_group(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, py_tool("import os; print(os.getpid(), os.getpgid(0), os.getsid(0))"))
+    pid, pgid, sid = (int(word) for word in done.lines[0].split())
+    assert pgid == pid and sid == pid
+    assert pgid != os.getpgid(0)
+
+
+# --- how it ends ------------------------------------------------------------------------
+
+
+async def test_zero_exit_is_completed(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, [PY, "both.py", "0"])
+    result = done.result
+    assert (result["status"], result["exitCode"], result["signal"], result["error"]) == ("completed", 0, None, None)
+
+
+async def test_nonzero_exit_is_failed_with_its_exit_code(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, [PY, "both.py", "3"])
+    result = done.result
+    assert (result["status"], result["exitCode"], result["signal"]) == ("failed", 3, None)
+    assert "3" in result["error"]
+    assert sorted(done.lines) == ["err 1", "out 1", "out 2"]
+    job = await done.job()
+    assert (job["status"], job["exitCode"]) == ("failed", 3)
+
+
+async def test_death_by_signal_is_failed_with_the_signal_name(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, py_tool("import os\nprint('bye', flush=True)\nos.kill(os.getpid(), 9)"))
+    result = done.result
+    assert (result["status"], result["exitCode"], result["signal"]) == ("failed", None, "SIGKILL")
+    assert "SIGKILL" in result["error"]
+    assert done.lines == ["bye"]
+
+
+async def test_timeout_terminates_the_tool_and_its_grandchild(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper, tmp_path: Path
+) -> None:
+    term_file = tmp_path / "grandchild-got-sigterm"
+    tool = py_tool(spawner("time.sleep(60)", term_file=str(term_file)), timeout_s=2.0, kill_grace_s=0.2)
+    done = await run(start, make_config, tool)
+
+    result = done.result
+    assert result["status"] == "timeout"
+    assert re.search(r"timed? ?out", result["error"], re.IGNORECASE)
+    assert result["signal"] == "SIGTERM"  # TERM first: it was enough for this tool
+    await assert_gone(reaper.track(done.pid("tool")))
+    await assert_gone(reaper.track(done.pid("grandchild")))
+    assert term_file.read_text() == "TERM"  # the whole group was sent SIGTERM, not the tool alone
+    assert (await done.job())["status"] == "timeout"
+
+
+async def test_a_tool_ignoring_sigterm_is_killed_after_the_grace(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    body = """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(60)
+    """
+    done = await run(start, make_config, py_tool(body, timeout_s=1.0, kill_grace_s=0.2))
+    assert done.lines == ["ready"]  # SIGTERM was ignored before the timeout came
+    assert (done.result["status"], done.result["signal"]) == ("timeout", "SIGKILL")
+
+
+async def test_a_background_grandchild_holding_stdout_does_not_keep_the_job_alive(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper
+) -> None:
+    # the grandchild inherits the job's stdout and stderr and sleeps on; the tool exits 0 at once
+    tool = py_tool(spawner("sys.exit(0)"), timeout_s=2, kill_grace_s=0.2)
+    done = await run(start, make_config, tool)
+
+    assert (done.result["status"], done.result["exitCode"]) == ("completed", 0)  # not ended by the timeout
+    await assert_gone(reaper.track(done.pid("grandchild")))
+
+
+@needs_pids_cgroup
+async def test_a_grandchild_that_left_the_process_group_is_killed_when_the_tool_exits(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper
+) -> None:
+    # setsid: out of reach of killpg, but still in the job's cgroup
+    tool = py_tool(spawner("sys.exit(0)", new_session=True, holds_output=False), timeout_s=30, kill_grace_s=0.2)
+    done = await run(start, make_config, tool)
+
+    assert (done.result["status"], done.result["exitCode"]) == ("completed", 0)
+    await assert_gone(reaper.track(done.pid("grandchild")))
+
+
+async def test_cancel_of_a_running_job_ends_its_whole_group(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper, tmp_path: Path
+) -> None:
+    # the tool ignores SIGTERM (so it needs the SIGKILL after the grace); its grandchild exits on it
+    term_file = tmp_path / "grandchild-got-sigterm"
+    then = """
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("ready", flush=True)
+        time.sleep(60)
+    """
+    tool = py_tool(spawner(then, term_file=str(term_file)), timeout_s=60, kill_grace_s=0.2)
+    client = await start(make_config({"t": tool}))
+    job_id = await submit(client, "t")
+    answers: list[int] = []
+
+    async def cancel() -> None:
+        response = await client.delete(f"/api/jobs/{job_id}")
+        answers.append(response.status)
+
+    done = await follow_acting(client, job_id, "ready", cancel)
+
+    assert answers == [202]
+    assert (done.result["status"], done.result["signal"]) == ("cancelled", "SIGKILL")
+    assert [e.data["status"] for e in done.events if e.event == "status"] == ["running", "cancelled"]
+    await assert_gone(reaper.track(done.pid("tool")))
+    await assert_gone(reaper.track(done.pid("grandchild")))
+    assert term_file.read_text() == "TERM"
+    assert (await done.job())["status"] == "cancelled"
+    assert (await client.delete(f"/api/jobs/{job_id}")).status == 409
+
+
+# --- how output becomes lines -----------------------------------------------------------
+
+
+def writes(data: bytes) -> dict[str, Any]:
+    """A tool writing `data` to stdout in one go (max_line_bytes 100)."""
+    return py_tool(f"import sys; sys.stdout.buffer.write({data!r})", max_line_bytes=100)
+
+
+async def test_lf_and_crlf_end_lines_and_an_unterminated_last_line_is_kept(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    done = await run(start, make_config, writes(b"one\ntwo\r\nthree\r\n\n\r\nlast"))
+    assert done.lines == ["one", "two", "three", "", "", "last"]
+
+
+async def test_a_line_over_max_line_bytes_is_split(make_config: ConfigFactory, start: ClientFactory) -> None:
+    long_line = b"".join(b"%03d" % i for i in range(84))  # 252 bytes, every piece distinguishable
+    done = await run(start, make_config, writes(b"short\n" + long_line + b"\nafter\n"))
+    text = long_line.decode()
+    assert done.lines == ["short", text[:100], text[100:200], text[200:], "after"]
+
+
+@pytest.mark.parametrize("text", ["a" + "é" * 100, "a" + "\U0001f600" * 60, "ab" + "€" * 70], ids=["2", "4", "3"])
+async def test_splitting_never_cuts_a_utf8_character(
+    make_config: ConfigFactory, start: ClientFactory, text: str
+) -> None:
+    done = await run(start, make_config, writes(text.encode() + b"\n"))
+    assert len(done.lines) > 1
+    assert "".join(done.lines) == text
+    assert all(0 < len(line.encode()) <= 100 for line in done.lines)
+    assert "\ufffd" not in "".join(done.lines)
+
+
+async def test_invalid_utf8_is_replaced_not_dropped(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, writes(b"ok \xff\xfe end\n\xc3\nlatin \xe9t\xe9\nfine \xc3\xa9"))
+    assert done.lines == ["ok \ufffd\ufffd end", "\ufffd", "latin \ufffdt\ufffd", "fine é"]
+
+
+async def test_ansi_colour_escapes_pass_through(make_config: ConfigFactory, start: ClientFactory) -> None:
+    coloured = "\x1b[1;31mred\x1b[0m plain \x1b[38;5;82mgreen\x1b[m"
+    done = await run(start, make_config, writes(coloured.encode() + b"\n"))
+    assert done.lines == [coloured]
+
+
+async def test_stdout_and_stderr_lines_are_tagged(make_config: ConfigFactory, start: ClientFactory) -> None:
+    done = await run(start, make_config, [PY, "both.py"])
+    assert sorted(done.output()) == [("stderr", "err 1"), ("stdout", "out 1"), ("stdout", "out 2")]
+    stdout_lines = [line for stream, line in done.output() if stream == "stdout"]
+    assert stdout_lines == ["out 1", "out 2"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (b"x" * 100 + b"\r", b"\nnext\n", ["x" * 100, "next"]),
+        (b"x" * 99 + b"\ryy", b"\nnext\n", ["x" * 99 + "\r", "yy", "next"]),
+    ],
+    ids=["crlf-after-full-line", "cr-at-a-cut"],
+)
+async def test_lines_do_not_depend_on_where_a_read_ends(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path, case: tuple[bytes, bytes, list[str]]
+) -> None:
+    first, rest, expected = case
+    together = await run(start, make_config, writes(first + rest))
+    assert together.lines == expected
+
+    gate = tmp_path / "gate"
+    body = f"""
+        import os, sys, time
+        out = sys.stdout.buffer
+        out.write({first!r})
+        out.flush()
+        print("ready", file=sys.stderr, flush=True)
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.01)
+        out.write({rest!r})
+    """
+    client = await start(make_config({"t": py_tool(body, str(gate), max_line_bytes=100, timeout_s=BOUND_S)}))
+    job_id = await submit(client, "t")
+
+    async def open_gate() -> None:
+        gate.touch()
+
+    # the first write is in the pipe (and most likely read on its own) before the rest is written
+    in_two_reads = await follow_acting(client, job_id, "ready", open_gate)
+    assert [line for stream, line in in_two_reads.output() if stream == "stdout"] == expected
+
+
+# --- caps and limits --------------------------------------------------------------------
+
+
+async def test_output_cap_stops_the_job(make_config: ConfigFactory, start: ClientFactory, reaper: Reaper) -> None:
+    body = """
+        import os, sys
+        print("tool", os.getpid(), flush=True)
+        while True:
+            sys.stdout.write("y" * 49 + "\\n")
+    """
+    done = await run(start, make_config, py_tool(body, max_output_bytes=1000, timeout_s=30, kill_grace_s=0.2))
+
+    result = done.result
+    assert result["status"] == "failed" and result["truncated"] is True
+    assert "max_output_bytes" in result["error"]
+    total = sum(len(line.encode()) + 1 for line in done.lines)
+    assert 900 < total <= 1000
+    job = await done.job()
+    assert job["truncated"] is True and job["outputBytes"] <= 1000
+    log = await (await done.client.get(f"/api/jobs/{done.job_id}/log")).read()
+    assert len(log) <= 1000
+    await assert_gone(reaper.track(done.pid("tool")))
+
+
+async def test_file_size_limit_stops_a_python_write(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.bin"
+    body = """
+        import errno, sys
+        try:
+            with open(sys.argv[1], "wb") as f:
+                f.write(b"x" * 10000)
+        except OSError as exc:
+            print("write failed:", errno.errorcode[exc.errno])
+            sys.exit(1)
+        print("wrote everything")
+    """
+    done = await run(start, make_config, py_tool(body, str(big), max_file_bytes=4096))
+    assert done.result["status"] == "failed"
+    assert done.lines == ["write failed: EFBIG"]  # Python ignores SIGXFSZ and gets EFBIG
+    assert big.stat().st_size <= 4096
+
+
+async def test_file_size_limit_kills_a_program_with_sigxfsz(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.bin"
+    tool = {"argv": ["dd", "if=/dev/zero", f"of={big}", "bs=1024", "count=10"], "max_file_bytes": 4096}
+    done = await run(start, make_config, tool)
+    assert (done.result["status"], done.result["signal"]) == ("failed", "SIGXFSZ")
+    assert big.stat().st_size <= 4096
+
+
+async def test_cpu_limit_stops_a_busy_tool(make_config: ConfigFactory, start: ClientFactory) -> None:
+    body = """
+        print("spinning", flush=True)
+        while True:
+            pass
+    """
+    done = await run(start, make_config, py_tool(body, max_cpu_s=1, timeout_s=10, kill_grace_s=0.2))
+    assert done.lines == ["spinning"]
+    assert (done.result["status"], done.result["signal"]) == ("failed", "SIGXCPU")
+
+
+@needs_pids_cgroup
+async def test_process_limit_holds_for_a_root_service(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper
+) -> None:
+    body = f"""
+        import subprocess, sys
+        started, errors = [], set()
+        for _ in range(20):
+            try:
+                argv = [sys.executable, "-c", {SLEEPER!r}, "-", {MARKER!r}, "-"]
+                started.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            except OSError as exc:
+                errors.add(type(exc).__name__)
+        print("started", len(started))
+        print("errors", *sorted(errors))
+        for child in started:
+            print("child", child.pid)
+    """
+    done = await run(start, make_config, py_tool(body, max_processes=5, timeout_s=30, kill_grace_s=0.2))
+
+    started = int(done.lines[0].split()[1])
+    assert 0 < started <= 4  # five processes in all, the tool itself being one
+    assert done.lines[1] == "errors BlockingIOError"
+    children = [int(line.split()[1]) for line in done.lines if line.startswith("child ")]
+    assert len(children) == started
+    for pid in children:
+        await assert_gone(reaper.track(pid))
+
+
+async def test_memory_limit_stops_a_tool_that_allocates_too_much(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    body = """
+        data = b"x" * (512 * 1024 * 1024)
+        print("allocated", len(data))
+    """
+    done = await run(start, make_config, py_tool(body, max_memory_bytes=64 * 1024 * 1024))
+    assert done.result["status"] == "failed"
+    assert not any(line.startswith("allocated") for line in done.lines)
+
+
+@needs_memory_cgroup
+async def test_memory_limit_kill_is_reported_as_such(make_config: ConfigFactory, start: ClientFactory) -> None:
+    body = """
+        data = b"x" * (512 * 1024 * 1024)
+        print("allocated", len(data))
+    """
+    done = await run(start, make_config, py_tool(body, max_memory_bytes=64 * 1024 * 1024))
+    assert done.result["status"] == "failed"
+    assert "memory" in done.result["error"]
