@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 from aiohttp import web
 
-from .app import create_app
+from .app import create_app, server_options
 from .config import Config, ConfigError
 
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             host=config.server.host,
             port=config.server.port,
             print=lambda _: print(f"streamsvc: serving on {url} (tools: {', '.join(config.tools)})", flush=True),
-            handler_cancellation=True,
+            handler_cancellation=True,  # a client's disconnect ends its handler at once
+            **server_options(),
             shutdown_timeout=5,
         )
     except OSError as exc:

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .clients import client_address
 from .config import Config
 from .errors import (
     BadRequest,
@@ -117,7 +118,8 @@ def job_id_of(request: web.Request) -> str:
 @routes.post("/api/execute")
 async def execute(request: web.Request) -> web.Response:
     body = await read_json(request, ("toolId", "projectId"))
-    job = request.app[POOL].submit(body["toolId"], body["projectId"])
+    client = client_address(request, request.app[CONFIG].clients.trust_forwarded_for)
+    job = request.app[POOL].submit(body["toolId"], body["projectId"], client)
     job_url = f"/api/jobs/{job.job_id}"
     data = {
         "jobId": job.job_id,

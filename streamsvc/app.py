@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
 from .api import CONFIG, MAX_JSON_BYTES, POOL, PROJECTS, REGISTRY, STORE, bearer_auth, error_envelope, routes
 from .config import Config
+from .logs import AccessLogger
 from .pool import WorkerPool
 from .projects import Projects
 from .registry import SessionRegistry
 from .store import JobStore
 
 SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID to resume"
+
+
+def server_options() -> dict[str, Any]:
+    """The access log of the HTTP server around the app (`web.run_app`, test servers):
+    one line per request, secrets hidden."""
+    return {"access_log_class": AccessLogger, "access_log": logging.getLogger("aiohttp.access")}
 
 
 def create_app(config: Config) -> web.Application:

@@ -81,6 +81,8 @@ class Job:
     output_bytes: int = 0
     truncated: bool = False
     error: str | None = None
+    #: the submitting client's address (for per-client limits; never served)
+    client: str = ""
 
     def transition(self, new: JobStatus, *, error: str | None = None) -> None:
         if new not in _ALLOWED.get(self.status, ()):

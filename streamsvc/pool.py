@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from .clients import ClientQuotas
 from .config import Config, ToolConfig
 from .errors import JobFinished, QueueFull, ShuttingDown, UnknownTool
 from .models import Job, JobStatus
@@ -37,12 +38,14 @@ class WorkerPool:
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._durations_ms: deque[int] = deque(maxlen=RECENT_DURATIONS)
+        self.quotas = ClientQuotas(config.clients)
         self.finished_counts = {status: 0 for status in JobStatus if status.finished}
 
     async def start(self) -> None:
         self.sandbox = Sandbox.detect(self.config.server.run_as)
         for job in self.store.recover():
             self._pending[job.job_id] = job
+            self.quotas.hold(job.client)
         for job in self.store.jobs.values():
             if job.status.finished:
                 self.finished_counts[job.status] += 1
@@ -71,15 +74,21 @@ class WorkerPool:
         self.store.close()
         self.sandbox.close()
 
-    def submit(self, tool_id: str, project_id: str) -> Job:
-        """Accept a job: checked now (unknown tool or project, full queue), run later."""
+    def submit(self, tool_id: str, project_id: str, client: str = "") -> Job:
+        """Accept a job: checked now (unknown tool or project, full queue, the client's
+        limits), run later."""
         if self._closing:
             raise ShuttingDown()
         self.tool(tool_id)
         self.projects.resolve(project_id)
         if len(self._pending) >= self.config.queue.max_pending:
             raise QueueFull(len(self._pending), self._retry_after_s())
-        job = self.store.add(tool_id, project_id)
+        self.quotas.admit(client)
+        try:
+            job = self.store.add(tool_id, project_id, client)
+        except Exception:
+            self.quotas.release(client, refund=True)
+            raise
         self._pending[job.job_id] = job
         self._work.set()
         log.info("job %s queued: tool=%s project=%s", job.job_id, tool_id, project_id)
@@ -194,6 +203,7 @@ class WorkerPool:
         if job.duration_ms is not None and outcome.status is not JobStatus.LOST:
             self._durations_ms.append(job.duration_ms)
         self.finished_counts[job.status] += 1
+        self.quotas.release(job.client)
         joblog = self.store.log(job.job_id)
         if outcome.status is JobStatus.LOST:
             events = lost_events(job)

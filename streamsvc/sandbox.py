@@ -15,10 +15,13 @@ import os
 import pwd
 import resource
 import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
-from attrs import frozen
+from attrs import define
 
 from .config import Limits
 
@@ -28,7 +31,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory")
 
 
-@frozen
+@define
 class Sandbox:
     """The host's means of confinement, found once at start-up."""
 
@@ -36,6 +39,9 @@ class Sandbox:
     cgroup_parents: dict[str, Path]
     #: (uid, gid) tools run as, or None to keep the service's user
     user: tuple[int, int] | None
+    #: the watchdog that empties the groups if the service dies, and our end of its pipe
+    _reaper: subprocess.Popen[bytes] | None = None
+    _lifeline: int | None = None
 
     @classmethod
     def detect(cls, run_as: str) -> Sandbox:
@@ -50,7 +56,20 @@ class Sandbox:
                 parents[controller] = parent
         if os.geteuid() == 0 and "pids" not in parents and user is None:
             log.warning("running as root without a pids cgroup: max_processes cannot bind")
-        return cls(parents, user)
+        sandbox = cls(parents, user)
+        if parents:
+            sandbox._start_reaper()
+        return sandbox
+
+    def _start_reaper(self) -> None:
+        read_end, self._lifeline = os.pipe()
+        folders = [str(parent) for parent in self.cgroup_parents.values()]
+        try:
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-m", "streamsvc.reaper", *folders], stdin=read_end, start_new_session=True
+            )
+        finally:
+            os.close(read_end)
 
     def jail(self, limits: Limits) -> Jail:
         name = uuid.uuid4().hex
@@ -72,11 +91,14 @@ class Sandbox:
 
     def close(self) -> None:
         for parent in self.cgroup_parents.values():
-            for group in parent.iterdir():
-                if group.is_dir():
-                    _kill_group(group)
-                    _remove_group(group)
-            _remove_group(parent)
+            empty_parent(parent)
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self._reaper is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._reaper.wait(timeout=5)
+            self._reaper = None
 
 
 class Jail:
@@ -153,16 +175,25 @@ def _make_parent(controller: str) -> Path | None:
 
 
 def _reap_stale(base: Path) -> None:
-    """Kill what a dead service's jobs left behind (it was killed with SIGKILL)."""
+    """Kill what a dead service's jobs left behind, should its reaper have died too."""
     for parent in base.glob("streamsvc-*"):
-        pid = int(parent.name.split("-")[1])
-        if _alive(pid):
-            continue
+        with contextlib.suppress(ValueError, IndexError):
+            if not _alive(int(parent.name.split("-")[1])):
+                empty_parent(parent)
+
+
+def empty_parent(parent: Path) -> None:
+    """Kill every process in a service's job groups, then remove the groups and `parent`."""
+    with contextlib.suppress(OSError):
         for group in parent.iterdir():
             if group.is_dir():
-                _kill_group(group)
-                _remove_group(group)
-        _remove_group(parent)
+                for _ in range(50):  # SIGKILL lands quickly; bounded all the same
+                    _kill_group(group)
+                    _remove_group(group)
+                    if not group.exists():
+                        break
+                    time.sleep(0.01)
+    _remove_group(parent)
 
 
 def _alive(pid: int) -> bool:

@@ -62,9 +62,9 @@ class JobStore:
         self.prune()
         return queued
 
-    def add(self, tool_id: str, project_id: str) -> Job:
+    def add(self, tool_id: str, project_id: str, client: str = "") -> Job:
         """Record a newly accepted job, with its empty log."""
-        job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id)
+        job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id, client=client)
         try:
             joblog = JobLog.create(self._log_path(job.job_id))
             self._write(job)
