@@ -1,4 +1,5 @@
-"""Shared fixtures: a config factory, a live service over a real socket, an SSE reader."""
+"""Shared fixtures and helpers: a config factory, a live service over a real socket, an SSE reader,
+the API's job records, and whether a process is gone."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from typing import Any
 import attrs
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web import Application
 
-from streamsvc.app import create_app
+from streamsvc.app import create_app, server_options
 from streamsvc.config import Config
+from streamsvc.sandbox import Sandbox
 
 PY = sys.executable
+#: a well-formed job id no job has
+UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
+#: the bound on any wait for something that should happen at once (a job to start, a process to end)
+BOUND_S = 10.0
 
 #: scripts in the test project; each is a tool's behaviour under test
 SCRIPTS = {
@@ -84,17 +90,19 @@ def make_config(tmp_path: Path) -> ConfigFactory:
     return factory
 
 
-ClientFactory = Callable[[Config], Awaitable[TestClient[Any, Application]]]
+Client = TestClient[Any, Application]
+ClientFactory = Callable[[Config], Awaitable[Client]]
 
 
 @pytest.fixture
 def start(aiohttp_client: Any) -> ClientFactory:
-    """Start the service on a real socket; closed (and its jobs ended) by the fixture."""
+    """Start the service on a real socket, served as `python -m streamsvc server` serves it
+    (handler cancellation on disconnect, the redacting access log); closed by the fixture."""
 
-    async def factory(config: Config) -> TestClient[Any, Application]:
-        client: TestClient[Any, Application] = await aiohttp_client(
-            create_app(config), server_kwargs={"handler_cancellation": True}
-        )
+    async def factory(config: Config) -> Client:
+        server = TestServer(create_app(config))  # its runner cancels handlers on disconnect
+        await server.start_server(**server_options())
+        client: Client = await aiohttp_client(server)
         return client
 
     return factory
@@ -143,25 +151,106 @@ async def collect(response: ClientResponse) -> list[Event]:
     return [item async for item in read_sse(response) if isinstance(item, Event)]
 
 
-async def submit(client: TestClient[Any, Application], tool: str, project: str = "proj") -> str:
+async def submit(client: Client, tool: str, project: str = "proj") -> str:
     response = await client.post("/api/execute", json={"toolId": tool, "projectId": project})
     assert response.status == 202, await response.text()
     job_id: str = (await response.json())["data"]["jobId"]
     return job_id
 
 
-async def follow(client: TestClient[Any, Application], job_id: str, **headers: str) -> list[Event]:
+async def follow(client: Client, job_id: str, **headers: str) -> list[Event]:
     async with client.get(f"/api/stream/{job_id}", headers=headers) as response:
         return await collect(response)
 
 
 async def eventually(condition: Callable[[], bool], what: str, *, bound_s: float = 30.0) -> None:
-    """Wait until `condition()` holds, checking every 10 ms, failing after `bound_s`."""
-    async with asyncio.timeout(bound_s):
-        while not condition():  # noqa: ASYNC110 - test-side state with no event to wait on
-            await asyncio.sleep(0.01)
-    assert condition(), what
+    """Wait until `condition()` holds, checking every 10 ms; after `bound_s`, a TimeoutError naming `what`."""
+    try:
+        async with asyncio.timeout(bound_s):
+            while not condition():  # noqa: ASYNC110 - test-side state with no event to wait on
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise TimeoutError(f"not within {bound_s} s: {what}") from None
 
 
 def lines_of(events: list[Event]) -> list[str]:
     return [e.data["line"] for e in events if e.event == "output"]
+
+
+def assert_numbered(events: list[Event]) -> None:
+    """The events are numbered 1, 2, 3, ... with none missing."""
+    assert [e.id for e in events] == list(range(1, len(events) + 1))
+
+
+# --- job records over the API ----------------------------------------------------------
+
+
+async def data_of(response: ClientResponse, status: int = 200) -> Any:
+    """The `data` of a success envelope, after checking the envelope itself."""
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert isinstance(body, dict) and set(body) == {"data"}, body
+    return body["data"]
+
+
+async def get_data(client: Client, path: str, **headers: str) -> Any:
+    """GET `path`: it answers 200 with a success envelope; its `data`."""
+    return await data_of(await client.get(path, headers=headers))
+
+
+async def job_of(client: Client, job_id: str) -> dict[str, Any]:
+    job: dict[str, Any] = await get_data(client, f"/api/jobs/{job_id}")
+    return job
+
+
+JobFetch = Callable[[Client, str], Awaitable[dict[str, Any]]]
+
+
+async def wait_job(
+    client: Client, job_id: str, until: str | dict[str, Any], *, fetch: JobFetch = job_of
+) -> dict[str, Any]:
+    """Poll the job (with `fetch`) until it has the status `until`, or given a dict, those field values;
+    the job then. Fails after BOUND_S."""
+    wanted = {"status": until} if isinstance(until, str) else until
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BOUND_S
+    while True:
+        job = await fetch(client, job_id)
+        if all(job[name] == value for name, value in wanted.items()):
+            return job
+        assert loop.time() < deadline, f"job {job_id} never had {wanted} within {BOUND_S} s: {job}"
+        await asyncio.sleep(0.01)
+
+
+async def submit_running(client: Client, tool: str) -> str:
+    """Submit `tool` and wait until its job runs; its id. (A `gate.py` job then holds its worker.)"""
+    job_id = await submit(client, tool)
+    await wait_job(client, job_id, "running")
+    return job_id
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+def is_gone(pid: int) -> bool:
+    """Whether process `pid` has exited: it no longer exists, or is a zombie no one has reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
+async def assert_gone(pid: int) -> None:
+    """Wait (bounded) until `pid` is gone: a signal takes a moment to land."""
+    await eventually(lambda: is_gone(pid), f"process {pid} is gone", bound_s=BOUND_S)
+
+
+def cgroup_controllers() -> set[str]:
+    """The controllers the service can make per-job groups in on this host."""
+    sandbox = Sandbox.detect("")
+    try:
+        return set(sandbox.cgroup_parents)
+    finally:
+        sandbox.close()

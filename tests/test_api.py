@@ -12,15 +12,27 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
-from aiohttp.web import Application
-from conftest import PY, ClientFactory, ConfigFactory, collect, follow, lines_of, read_sse, submit, write_project
+from conftest import (
+    PY,
+    UNKNOWN_JOB,
+    Client,
+    ClientFactory,
+    ConfigFactory,
+    collect,
+    data_of,
+    follow,
+    get_data,
+    job_of,
+    lines_of,
+    read_sse,
+    submit,
+    submit_running,
+    wait_job,
+    write_project,
+)
 
 from streamsvc.api import MAX_ID_CHARS, MAX_JSON_BYTES, MAX_LIST_LIMIT
 
-Client = TestClient[Any, Application]
-
-UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
 JOB_FIELDS = {
     "jobId": str,
     "toolId": str,
@@ -58,15 +70,6 @@ TOKEN = "s3cret-token"
 # --- helpers ----------------------------------------------------------------------------
 
 
-async def data_of(response: ClientResponse, status: int = 200) -> Any:
-    """The `data` of a success envelope, after checking the envelope itself."""
-    assert response.status == status, await response.text()
-    assert response.content_type == "application/json"
-    body = await response.json()
-    assert isinstance(body, dict) and set(body) == {"data"}, body
-    return body["data"]
-
-
 async def error_of(response: ClientResponse, status: int, code: str | None = None) -> dict[str, Any]:
     """The `error` of an error envelope, after checking its shape, status and code."""
     text = await response.text()
@@ -83,26 +86,6 @@ async def error_of(response: ClientResponse, status: int, code: str | None = Non
     if code is not None:
         assert error["code"] == code, error
     return error
-
-
-async def get_data(client: Client, path: str, **headers: str) -> Any:
-    return await data_of(await client.get(path, headers=headers))
-
-
-async def job_of(client: Client, job_id: str) -> dict[str, Any]:
-    job: dict[str, Any] = await get_data(client, f"/api/jobs/{job_id}")
-    return job
-
-
-async def wait_status(client: Client, job_id: str, status: str) -> dict[str, Any]:
-    """Poll the job (bounded) until it has `status`."""
-    job: dict[str, Any] = {}
-    for _ in range(1000):
-        job = await job_of(client, job_id)
-        if job["status"] == status:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} never reached {status}: {job}")
 
 
 async def post_json(client: Client, body: bytes, content_type: str = "application/json") -> ClientResponse:
@@ -173,8 +156,7 @@ async def test_execute_answers_202_before_the_job_starts(
     gate = tmp_path / "gate"
     tools = {"gate": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}
     client = await start(make_config(tools, queue={"workers": 1}))
-    busy = await submit(client, "gate")
-    await wait_status(client, busy, "running")
+    await submit_running(client, "gate")
 
     response = await client.post("/api/execute", json={"toolId": "hello", "projectId": "proj"})
     accepted = await data_of(response, status=202)
@@ -407,8 +389,7 @@ async def test_full_queue_is_429_with_retry_after(
     gate = tmp_path / "gate"
     tools = {"gate": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}
     client = await start(make_config(tools, queue={"workers": 1, "max_pending": 1}))
-    running = await submit(client, "gate")
-    await wait_status(client, running, "running")
+    await submit_running(client, "gate")
     queued = await submit(client, "hello")
 
     response = await client.post("/api/execute", json={"toolId": "hello", "projectId": "proj"})
@@ -461,8 +442,7 @@ async def test_queued_and_running_jobs_have_every_field(
     gate = tmp_path / "gate"
     tools = {"gate": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}
     client = await start(make_config(tools, queue={"workers": 1}))
-    running_id = await submit(client, "gate")
-    running = await wait_status(client, running_id, "running")
+    running = await wait_job(client, await submit(client, "gate"), "running")
     queued = await job_of(client, await submit(client, "hello"))
 
     for job in (running, queued):
@@ -488,8 +468,7 @@ async def test_jobs_are_listed_newest_first_with_filters(
     for tool in ("hello", "fail", "hello", "hello", "fail"):
         finished.append(await submit(client, tool))
         await follow(client, finished[-1])
-    running = await submit(client, "gate")
-    await wait_status(client, running, "running")
+    running = await submit_running(client, "gate")
     queued = await submit(client, "hello")
 
     every = [job["jobId"] for job in await get_data(client, "/api/jobs")]
@@ -575,8 +554,7 @@ async def test_log_of_a_job_without_output_is_empty(
     gate = tmp_path / "gate"
     tools = {"gate": [PY, "gate.py", str(gate)], "quiet": [PY, "-c", "pass"]}
     client = await start(make_config(tools, queue={"workers": 1}))
-    running = await submit(client, "gate")
-    await wait_status(client, running, "running")
+    running = await submit_running(client, "gate")
     queued = await submit(client, "quiet")
     response = await client.get(f"/api/jobs/{queued}/log")
     assert response.status == 200 and await response.text() == ""

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PY, ClientFactory, ConfigFactory, eventually, follow, lines_of, submit
-
-from streamsvc.sandbox import Sandbox
+from conftest import PY, ClientFactory, ConfigFactory, cgroup_controllers, eventually, follow, lines_of, submit
 
 
 def processes_with(marker: str) -> list[int]:
@@ -32,11 +30,7 @@ def processes_with(marker: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def cgroups() -> set[str]:
-    sandbox = Sandbox.detect("")
-    try:
-        return set(sandbox.cgroup_parents)
-    finally:
-        sandbox.close()
+    return cgroup_controllers()
 
 
 async def run_hostile(

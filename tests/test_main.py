@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import attrs
 import pytest
-from conftest import PY, Event, read_sse
+from conftest import PY, Event, assert_gone, assert_numbered, is_gone, read_sse
 
 from streamsvc.config import DEMO_DIR
 
@@ -178,10 +178,6 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
         return (await response.json())["data"]
 
 
-def assert_whole_sequence(events: list[Event]) -> None:
-    assert [e.id for e in events] == list(range(1, len(events) + 1))
-
-
 def outputs(events: list[Event], stream: str | None = None) -> list[str]:
     return [e.data["line"] for e in events if e.event == "output" and stream in (None, e.data["stream"])]
 
@@ -310,7 +306,7 @@ async def test_embedded_default_runs_every_demo_tool(tmp_path: Path, launch: Lau
         jobs = {tool: await get_json(http, f"{server.url}/api/jobs/{job_id}") for tool, job_id in ids.items()}
 
     for tool, events in runs.items():
-        assert_whole_sequence(events)
+        assert_numbered(events)
         assert events[-1].event == "complete", (tool, events[-1])
         assert events[-1].data["jobId"] == ids[tool]
         assert events[-1].data["output"] == outputs(events)
@@ -381,29 +377,6 @@ def hang_config(tmp_path: Path) -> tuple[Path, Path, Path]:
     return write_config(tmp_path / "etc", config), pids, gate
 
 
-def is_gone(pid: int) -> bool:
-    """No such process, or only its zombie (dead, not yet reaped by whoever adopted it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
-
-
-async def wait_gone(pid: int) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + GONE_BOUND_S
-    while not is_gone(pid):
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
-
-
 @contextlib.contextmanager
 def released(pids: Path, gate: Path) -> Iterator[None]:
     """Whatever happens, the hanging tool and its grandchild end when the test does."""
@@ -449,8 +422,8 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
 
             assert await wait_exit(server, KILL_GRACE_S + 10) == 0
             assert "Traceback" not in server.stderr(), server.stderr()
-            assert await wait_gone(tool_pid), f"tool {tool_pid} outlived the service"
-            assert await wait_gone(grandchild_pid), f"grandchild {grandchild_pid} outlived the service"
+            await assert_gone(tool_pid)  # the tool and its grandchild did not outlive the service
+            await assert_gone(grandchild_pid)
 
             again = launch("--config", str(path), cwd=tmp_path)
             await wait_ready(again, http)
@@ -459,7 +432,7 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
             assert job["completedAt"] is not None
             history = await follow(http, again, job_id)
 
-    assert_whole_sequence(history)
+    assert_numbered(history)
     assert outputs(history) == ["started"]
     assert history[-1].event == "error"
     assert history[-1].data["message"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -12,9 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
-from aiohttp.web import Application
-from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, submit
+from conftest import PY, UNKNOWN_JOB, Client, ClientFactory, ConfigFactory, Event, collect, follow, submit, wait_job
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -22,8 +19,6 @@ from referencing.jsonschema import DRAFT202012
 from streamsvc import errors
 from streamsvc.api import _HTTP_CODES, POOL
 from streamsvc.models import Job, JobStatus
-
-Client = TestClient[Any, Application]
 
 #: the base URI the document is registered under, so "#/components/..." refs resolve inside it
 DOC_URI = "urn:streamsvc:openapi"
@@ -35,7 +30,6 @@ EVENT_SCHEMAS = {
     "complete": "ExecutionResponse",
     "error": "ErrorEvent",
 }
-UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
 
 
 def packaged_text() -> str:
@@ -104,18 +98,10 @@ async def call(client: Client, method: str, path: str, template: str, **kwargs: 
 
 
 async def get_job(client: Client, job_id: str) -> dict[str, Any]:
+    """The job's record, the whole response checked against the document."""
     body = await call(client, "GET", f"/api/jobs/{job_id}", "/api/jobs/{jobId}")
     job: dict[str, Any] = body["data"]
     return job
-
-
-async def wait_for(client: Client, job_id: str, status: str) -> dict[str, Any]:
-    for _ in range(2000):
-        job = await get_job(client, job_id)
-        if job["status"] == status:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} never became {status}: {job}")
 
 
 async def stream(client: Client, job_id: str) -> list[Event]:
@@ -309,7 +295,7 @@ async def test_queued_running_and_cancelled_jobs_match(
     tools = {"gate": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}
     client = await start(make_config(tools, queue={"workers": 1}))
     running_id = await submit(client, "gate")
-    running = await wait_for(client, running_id, "running")
+    running = await wait_job(client, running_id, "running", fetch=get_job)
     assert running["startedAt"] is not None and running["completedAt"] is None and running["exitCode"] is None
 
     queued_id = await submit(client, "hello")
@@ -446,7 +432,7 @@ async def test_queue_full_and_shutting_down_match(
     gate = tmp_path / "gate"
     config = make_config({"gate": [PY, "gate.py", str(gate)]}, queue={"workers": 1, "max_pending": 1})
     client = await start(config)
-    await wait_for(client, await submit(client, "gate"), "running")
+    await wait_job(client, await submit(client, "gate"), "running", fetch=get_job)
     await submit(client, "gate")
     request = {"toolId": "gate", "projectId": "proj"}
     body = await call(client, "POST", "/api/execute", "/api/execute", json=request)

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient
-from aiohttp.web import Application
-from conftest import PY, ClientFactory, ConfigFactory, Event, collect, eventually, follow, lines_of, read_sse, submit
-
-Client = TestClient[Any, Application]
+from conftest import (
+    PY,
+    Client,
+    ClientFactory,
+    ConfigFactory,
+    Event,
+    assert_gone,
+    collect,
+    follow,
+    get_data,
+    is_gone,
+    job_of,
+    lines_of,
+    read_sse,
+    submit,
+    submit_running,
+    wait_job,
+)
 
 QUEUE_FIELDS = {
     "concurrency",
@@ -46,17 +58,6 @@ while True:
 APPEND = "import sys\nwith open(sys.argv[1], 'a') as f: f.write(sys.argv[2] + '\\n')"
 
 
-async def get_data(client: Client, path: str) -> Any:
-    response = await client.get(path)
-    assert response.status == 200, await response.text()
-    return (await response.json())["data"]
-
-
-async def job_of(client: Client, job_id: str) -> dict[str, Any]:
-    job: dict[str, Any] = await get_data(client, f"/api/jobs/{job_id}")
-    return job
-
-
 async def queue(client: Client) -> dict[str, Any]:
     status: dict[str, Any] = await get_data(client, "/api/queue/status")
     assert set(status) == QUEUE_FIELDS, status
@@ -64,31 +65,11 @@ async def queue(client: Client) -> dict[str, Any]:
     return status
 
 
-async def wait_status(client: Client, job_id: str, status: str) -> dict[str, Any]:
-    """Poll the job (bounded) until it has `status`."""
-    job: dict[str, Any] = {}
-    for _ in range(1000):
-        job = await job_of(client, job_id)
-        if job["status"] == status:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} never reached {status}: {job}")
-
-
 async def cancel(client: Client, job_id: str) -> dict[str, Any]:
     response = await client.delete(f"/api/jobs/{job_id}")
     assert response.status == 202, await response.text()
     job: dict[str, Any] = (await response.json())["data"]
     return job
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` is a live process (a zombie waiting to be reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def pids_printed(events: Any) -> list[int]:
@@ -112,8 +93,7 @@ async def test_a_cancelled_queued_job_never_starts(
         "hello": [PY, "hello.py"],
     }
     client = await start(make_config(tools, queue={"workers": 1}))
-    busy = await submit(client, "gate")
-    await wait_status(client, busy, "running")
+    busy = await submit_running(client, "gate")
     victim = await submit(client, "mark")
     after = await submit(client, "hello")
 
@@ -152,7 +132,7 @@ async def test_a_cancelled_running_job_ends_with_its_process_group(
     async with client.get(f"/api/stream/{job_id}") as response:
         events = read_sse(response)
         pids = await pids_printed(events)
-        assert all(alive(pid) for pid in pids)
+        assert not any(is_gone(pid) for pid in pids)
         answer = await cancel(client, job_id)
         rest = [item async for item in events if isinstance(item, Event)]
 
@@ -162,7 +142,8 @@ async def test_a_cancelled_running_job_ends_with_its_process_group(
     job = await job_of(client, job_id)
     assert job["status"] == "cancelled" and job["exitCode"] is None and job["signal"] == "SIGTERM"
     assert job["startedAt"] is not None and job["completedAt"] is not None
-    await eventually(lambda: not any(alive(pid) for pid in pids), "the tool and its child are gone")
+    for pid in pids:  # the tool and its child
+        await assert_gone(pid)
     assert (await queue(client))["cancelled"] == 1
     assert (await client.delete(f"/api/jobs/{job_id}")).status == 409
 
@@ -182,7 +163,7 @@ async def test_a_running_job_that_ignores_sigterm_is_killed_after_the_grace(
     assert rest[-1].event == "complete" and rest[-1].data["status"] == "cancelled"
     job = await job_of(client, job_id)
     assert job["status"] == "cancelled" and job["signal"] == "SIGKILL"
-    assert not alive(pid)
+    assert is_gone(pid)
 
 
 async def test_cancelling_a_running_job_lets_the_next_one_run(
@@ -190,8 +171,7 @@ async def test_cancelling_a_running_job_lets_the_next_one_run(
 ) -> None:
     gate = tmp_path / "gate"
     client = await start(make_config({"gate": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}))
-    stuck = await submit(client, "gate")
-    await wait_status(client, stuck, "running")
+    stuck = await submit_running(client, "gate")
     queued = [await submit(client, "hello") for _ in range(3)]
     await cancel(client, stuck)
     for job_id in queued:
@@ -218,8 +198,7 @@ async def test_queue_status_counts_move_as_jobs_run(
     idle |= {"estimatedWaitMs": 0, "estimatedWaitSec": 0}
     assert await queue(client) == idle | {"completed": 0, "failed": 0, "cancelled": 0, "timeout": 0}
 
-    busy = await submit(client, "gate")
-    await wait_status(client, busy, "running")
+    await submit_running(client, "gate")
     status = await queue(client)
     assert (status["running"], status["pending"], status["position"]) == (1, 0, 1)
 
@@ -248,8 +227,7 @@ async def test_a_queued_job_reports_its_position_and_wait(
     warm = await submit(client, "hello")  # a finished job: the estimate has a duration to go by
     await follow(client, warm)
     assert (await job_of(client, warm))["durationMs"] > 0
-    busy = await submit(client, "gate")
-    running = await wait_status(client, busy, "running")
+    running = await wait_job(client, await submit(client, "gate"), "running")
     first, second = await submit(client, "hello"), await submit(client, "hello")
 
     one, two = await job_of(client, first), await job_of(client, second)
@@ -284,8 +262,7 @@ async def test_one_worker_runs_jobs_in_submission_order(
     tools: dict[str, Any] = {name: [PY, "-c", APPEND, str(order), name] for name in names}
     tools["gate"] = [PY, "gate.py", str(gate)]
     client = await start(make_config(tools, queue={"workers": 1}))
-    busy = await submit(client, "gate")
-    await wait_status(client, busy, "running")
+    await submit_running(client, "gate")
     jobs = [await submit(client, name) for name in names]
     assert [(await job_of(client, job_id))["queuePosition"] for job_id in jobs] == [1, 2, 3, 4, 5, 6]
 
@@ -304,8 +281,8 @@ async def test_workers_run_that_many_jobs_at_once(
     tools = {"a": [PY, "gate.py", str(gates[0])], "b": [PY, "gate.py", str(gates[1])], "hello": [PY, "hello.py"]}
     client = await start(make_config(tools, queue={"workers": 2}))
     a, b = await submit(client, "a"), await submit(client, "b")
-    await wait_status(client, a, "running")
-    await wait_status(client, b, "running")
+    await wait_job(client, a, "running")
+    await wait_job(client, b, "running")
     third = await submit(client, "hello")
     status = await queue(client)
     assert (status["concurrency"], status["running"], status["pending"]) == (2, 2, 1)

@@ -18,13 +18,21 @@ from typing import Any
 
 import attrs
 import pytest
-from aiohttp.test_utils import TestClient
-from aiohttp.web import Application
-from conftest import PY, ClientFactory, ConfigFactory, Event, eventually, follow, lines_of, read_sse, submit
-
-from streamsvc.sandbox import Sandbox
-
-Client = TestClient[Any, Application]
+from conftest import (
+    BOUND_S,
+    PY,
+    Client,
+    ClientFactory,
+    ConfigFactory,
+    Event,
+    assert_gone,
+    cgroup_controllers,
+    follow,
+    job_of,
+    lines_of,
+    read_sse,
+    submit,
+)
 
 #: an argument of every process the tests start on purpose, so teardown never kills a reused pid
 MARKER = "streamsvc-test-sleeper"
@@ -47,8 +55,6 @@ SLEEPER = textwrap.dedent(
     time.sleep(60)
     """
 )
-#: the bound on any wait for something that should happen at once
-BOUND_S = 10.0
 
 
 def spawner(then: str, *, new_session: bool = False, holds_output: bool = True, term_file: str = "-") -> str:
@@ -110,10 +116,7 @@ class Done:
         raise AssertionError(f"no {name!r} line in {self.lines}")
 
     async def job(self) -> dict[str, Any]:
-        response = await self.client.get(f"/api/jobs/{self.job_id}")
-        assert response.status == 200, await response.text()
-        data: dict[str, Any] = (await response.json())["data"]
-        return data
+        return await job_of(self.client, self.job_id)
 
 
 async def run(start: ClientFactory, make_config: ConfigFactory, tool: Any, **sections: dict[str, Any]) -> Done:
@@ -143,21 +146,6 @@ async def follow_acting(client: Client, job_id: str, line_prefix: str, action: C
     return Done(client, job_id, events)
 
 
-def is_gone(pid: int) -> bool:
-    """True when `pid` has exited (no longer exists, or is a zombie nobody reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state in ("Z", "X")
-
-
-async def assert_gone(pid: int) -> None:
-    """Wait (bounded) until `pid` is gone: a SIGKILL takes a moment to land."""
-    await eventually(lambda: is_gone(pid), f"process {pid} is gone", bound_s=BOUND_S)
-
-
 class Reaper:
     """The pids of processes a test learnt its tools left behind."""
 
@@ -181,15 +169,6 @@ def reaper() -> Iterator[Reaper]:
     tracked = Reaper()
     yield tracked
     tracked.kill_leftovers()
-
-
-def cgroup_controllers() -> set[str]:
-    """The controllers the service can make per-job groups in on this host."""
-    sandbox = Sandbox.detect("")
-    try:
-        return set(sandbox.cgroup_parents)
-    finally:
-        sandbox.close()
 
 
 CONTROLLERS = cgroup_controllers()

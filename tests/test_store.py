@@ -9,17 +9,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
-from aiohttp.web import Application
-from conftest import PY, ClientFactory, ConfigFactory, Event, collect, follow, lines_of, read_sse, submit
+from conftest import (
+    PY,
+    Client,
+    ClientFactory,
+    ConfigFactory,
+    Event,
+    assert_numbered,
+    collect,
+    follow,
+    get_data,
+    is_gone,
+    job_of,
+    lines_of,
+    read_sse,
+    submit,
+    wait_job,
+)
 
 from streamsvc import joblog as joblog_module
+from streamsvc.config import Config
 from streamsvc.errors import UnknownJob
 from streamsvc.joblog import JobLog, encode_frame, parse_frames
 from streamsvc.models import JobStatus
 from streamsvc.store import JobStore
-
-Client = TestClient[Any, Application]
 
 #: prints its pid, then blocks until the file named by argv[1] exists
 PID_GATE = """
@@ -35,49 +48,27 @@ TORN_FRAME = b'id: 99\nevent: output\ndata: {"line": "half of a li'
 # --- helpers ----------------------------------------------------------------------------
 
 
-async def get_data(client: Client, path: str) -> Any:
-    response = await client.get(path)
-    assert response.status == 200, await response.text()
-    return (await response.json())["data"]
-
-
-async def job_of(client: Client, job_id: str) -> dict[str, Any]:
-    job: dict[str, Any] = await get_data(client, f"/api/jobs/{job_id}")
-    return job
-
-
 async def log_of(client: Client, job_id: str) -> str:
     response = await client.get(f"/api/jobs/{job_id}/log")
     assert response.status == 200, await response.text()
     return await response.text()
 
 
-async def wait_until(client: Client, job_id: str, check: str, value: Any) -> dict[str, Any]:
-    """Poll the job (bounded) until its field `check` equals `value`."""
-    job: dict[str, Any] = {}
-    for _ in range(1000):
-        job = await job_of(client, job_id)
-        if job[check] == value:
-            return job
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"job {job_id} never had {check}={value!r}: {job}")
+async def crash(client: Client, config: Config, job_id: str, log_tail: bytes = b"") -> dict[str, Any]:
+    """Stop the service as a crash (kill -9, power loss) would: the running job's record and log
+    stay as they were (the log followed by `log_tail`), not as a clean stop leaves them; the record."""
+    jobs_dir = config.server.data_dir / "jobs"
+    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    await client.close()
+    (jobs_dir / f"{job_id}.json").write_bytes(record)
+    (jobs_dir / f"{job_id}.log").write_bytes(log + log_tail)
+    saved: dict[str, Any] = json.loads(record)
+    return saved
 
 
 def without_duration(job: dict[str, Any]) -> dict[str, Any]:
     """The record minus durationMs (see test_durations_survive_a_restart_unchanged)."""
     return {key: value for key, value in job.items() if key != "durationMs"}
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
-def assert_numbered(events: list[Event]) -> None:
-    assert [e.id for e in events] == list(range(1, len(events) + 1))
 
 
 def output(line: str, stream: str = "stdout") -> tuple[str, dict[str, Any]]:
@@ -141,14 +132,14 @@ async def test_a_queued_job_runs_after_a_restart_and_the_running_one_is_lost(
     client = await start(config)
     running = await submit(client, "gate")
     queued = await submit(client, "hello")
-    started = await wait_until(client, running, "outputLines", 1)
+    started = await wait_job(client, running, {"outputLines": 1})
     pid = int((await log_of(client, running)).split()[1])
-    assert started["status"] == "running" and alive(pid)
+    assert started["status"] == "running" and not is_gone(pid)
     await client.close()
 
     jobs_dir = config.server.data_dir / "jobs"
     assert json.loads((jobs_dir / f"{queued}.json").read_text())["status"] == "queued"
-    assert not alive(pid)  # the service stopped: the tool did not outlive it
+    assert is_gone(pid)  # the service stopped: the tool did not outlive it
 
     client = await start(config)
     events = await follow(client, queued)
@@ -177,15 +168,10 @@ async def test_a_job_running_at_a_crash_is_lost_after_the_restart(
     config = make_config({"gate": [PY, "gate.py", str(gate)]})
     client = await start(config)
     job_id = await submit(client, "gate")
-    await wait_until(client, job_id, "outputLines", 1)
-    jobs_dir = config.server.data_dir / "jobs"
-    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
-    await client.close()
-    # what a crash (kill -9, power loss) leaves: the record still says running, the log has
-    # no end and a frame half written
-    (jobs_dir / f"{job_id}.json").write_bytes(record)
-    (jobs_dir / f"{job_id}.log").write_bytes(log + TORN_FRAME)
-    assert json.loads(record)["status"] == "running"
+    await wait_job(client, job_id, {"outputLines": 1})
+    # the record still says running, the log has no end and a frame half written
+    record = await crash(client, config, job_id, log_tail=TORN_FRAME)
+    assert record["status"] == "running"
 
     client = await start(config)
     job = await job_of(client, job_id)
@@ -205,12 +191,8 @@ async def test_a_job_lost_in_a_crash_counts_the_output_it_logged(
     config = make_config({"gate": [PY, "gate.py", str(tmp_path / "gate")]})
     client = await start(config)
     job_id = await submit(client, "gate")
-    await wait_until(client, job_id, "outputLines", 1)
-    jobs_dir = config.server.data_dir / "jobs"
-    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
-    await client.close()
-    (jobs_dir / f"{job_id}.json").write_bytes(record)
-    (jobs_dir / f"{job_id}.log").write_bytes(log)
+    await wait_job(client, job_id, {"outputLines": 1})
+    await crash(client, config, job_id)
 
     client = await start(config)
     job = await job_of(client, job_id)
@@ -257,7 +239,7 @@ async def test_a_finished_job_is_kept_while_newer_jobs_are_unfinished(
             if isinstance(item, Event) and item.event == "output":
                 break
         gates[0].touch()
-        await wait_until(client, second, "status", "running")  # so the first has finished
+        await wait_job(client, second, "running")  # so the first has finished
 
         # the only finished job is within retention_jobs = 1
         assert (await job_of(client, first))["status"] == "completed"
@@ -544,7 +526,7 @@ async def test_a_live_subscriber_and_a_late_one_see_the_same_log(
     script += f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\nfor i in range(3000): print(f'b {{i}}')\n"
     client = await start(make_config({"two-phase": [PY, "-c", script]}))
     job_id = await submit(client, "two-phase")
-    await wait_until(client, job_id, "outputLines", 3001)
+    await wait_job(client, job_id, {"outputLines": 3001})
     async with client.get(f"/api/stream/{job_id}") as live:
         gate.touch()
         events = await collect(live)
