@@ -32,7 +32,7 @@ def create_app(config: Config) -> web.Application:
         # long enough that an absurd id still reaches the handlers and gets the envelope
         handler_args={"max_line_size": 65536, "max_field_size": 65536},
     )
-    store = JobStore(config.server.data_dir, config.server.retention_jobs)
+    store = JobStore(config.server.data_dir, config.server.retention_jobs, config.limits.max_result_lines)
     projects = Projects(config.projects.root)
     app[CONFIG] = config
     app[STORE] = store

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import os
 from array import array
@@ -62,6 +63,8 @@ class JobLog:
         self._ends = ends
         self._window = bytearray()
         self._window_start = ends[-1]
+        #: the file's length: frames past it live only in memory (the disk failed)
+        self._durable_end = ends[-1]
         self._finished = finished
         self._fd: int | None = None
         self._changed: asyncio.Future[None] | None = None
@@ -108,9 +111,12 @@ class JobLog:
         self.extend([(kind, data)])
         return self.last_seq
 
-    def extend(self, events: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Number, encode and store a batch of events with one write."""
-        if self._finished or self._fd is None:
+    def extend(self, events: Iterable[tuple[str, dict[str, Any]]], *, durable: bool = True) -> None:
+        """Number, encode and store a batch of events with one write. If the write fails,
+        the file is cut back to its last whole frame and OSError is raised, nothing stored.
+        `durable=False` keeps the events in memory only (the file can no longer be written,
+        but the job's end must still reach its subscribers)."""
+        if self._finished or (durable and self._fd is None):
             raise RuntimeError(f"{self.path.name}: the log is closed")
         seq = self.last_seq
         end = self._ends[-1]
@@ -125,7 +131,14 @@ class JobLog:
             ends.append(end)
             terminal = terminal or kind in TERMINAL
         blob = b"".join(frames)
-        _write_all(self._fd, blob)
+        if durable and self._fd is not None:
+            try:
+                _write_all(self._fd, blob)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._durable_end)
+                raise
+            self._durable_end = end
         self._ends.extend(ends)
         self._remember(blob)
         if terminal:
@@ -140,12 +153,19 @@ class JobLog:
         start = self._ends[seq]
         upto = bisect.bisect_right(self._ends, start + max_bytes, lo=seq + 1) - 1
         upto = min(max(upto, seq + 1), self.last_seq)
-        stop = self._ends[upto]
-        if start >= self._window_start:
-            return bytes(self._window[start - self._window_start : stop - self._window_start]), upto
-        with open(self.path, "rb") as file:
-            file.seek(start)
-            return file.read(stop - start), upto
+        return self._bytes(start, self._ends[upto]), upto
+
+    def _bytes(self, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the log: from the file, then from the in-memory window."""
+        window_start = self._window_start
+        head = b""
+        if start < window_start:
+            with open(self.path, "rb") as file:
+                file.seek(start)
+                head = file.read(min(stop, window_start) - start)
+        if stop <= window_start:
+            return head
+        return head + bytes(self._window[max(start - window_start, 0) : stop - window_start])
 
     def changed(self) -> asyncio.Future[None]:
         """A future that resolves at the next append (or when the log is finished)."""
@@ -169,17 +189,15 @@ class JobLog:
             yield from parse_frames(blob)
 
     def close(self) -> None:
-        """Release the file (the job is over or the service stops); readers stay served."""
+        """Release the file (the job is over or the service stops); readers stay served,
+        from the file and from memory for what the file could not take."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._window = bytearray()
-        self._window_start = self._ends[-1]
-
-    def abandon(self) -> None:
-        """End the log without a terminal event: its file can no longer be written."""
-        self._finish()
-        self._wake()
+        cut = self._durable_end - self._window_start
+        if cut > 0:
+            del self._window[:cut]
+            self._window_start = self._durable_end
 
     def _remember(self, blob: bytes) -> None:
         self._window += blob

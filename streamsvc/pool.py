@@ -16,7 +16,7 @@ from .models import Job, JobStatus
 from .projects import Projects
 from .runner import Outcome, Run, RunSpec
 from .sandbox import Sandbox
-from .store import LOST_MESSAGE, JobStore, lost_events, now_ms
+from .store import LOST_MESSAGE, JobStore, end_log, final_events, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,12 @@ class WorkerPool:
                 await self._work.wait()
                 continue
             job = self._pending.pop(next(iter(self._pending)))
-            await self._run(job)
+            try:
+                await self._run(job)
+            except Exception:  # a bug must cost one job, never a worker
+                log.exception("job %s: internal error", job.job_id)
+                if job.status is JobStatus.RUNNING:
+                    self._finish(job, Outcome(JobStatus.FAILED, error="internal error"), output=())
 
     async def _run(self, job: Job) -> None:
         tool = self.config.tools.get(job.tool_id)
@@ -172,9 +177,13 @@ class WorkerPool:
 
         job.transition(JobStatus.RUNNING)
         self.store.save(job)
-        joblog.append("status", {"status": "running", "timestamp": now_ms()})
         log.info("job %s running", job.job_id)
-        outcome = await self._execute(job, tool, sink)
+        try:
+            joblog.append("status", {"status": "running", "timestamp": now_ms()})
+        except OSError as exc:
+            outcome = Outcome(JobStatus.FAILED, error=f"cannot write the job log: {exc.strerror}")
+        else:
+            outcome = await self._execute(job, tool, sink)
         self._finish(job, outcome, tail)
 
     async def _execute(self, job: Job, tool: ToolConfig | None, sink: Any) -> Outcome:
@@ -204,18 +213,7 @@ class WorkerPool:
             self._durations_ms.append(job.duration_ms)
         self.finished_counts[job.status] += 1
         self.quotas.release(job.client)
-        joblog = self.store.log(job.job_id)
-        if outcome.status is JobStatus.LOST:
-            events = lost_events(job)
-        else:
-            events = [
-                ("status", {"status": job.status.value, "timestamp": now_ms()}),
-                ("complete", job.execution_response(output)),
-            ]
-        try:
-            joblog.extend(events)
-        except OSError:
-            joblog.abandon()  # subscribers end; the record below still tells the outcome
+        end_log(self.store.log(job.job_id), final_events(job, output))
         self.store.save(job)
         log.info(
             "job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value, job.exit_code, job.signal, job.error

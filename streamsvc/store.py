@@ -9,8 +9,9 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import StorageError, UnknownJob
 from .joblog import JobLog
@@ -29,9 +30,10 @@ class JobStore:
     A record is replaced atomically (written aside, then renamed), so a crash at any
     instant leaves the old record or the new one, never a torn one."""
 
-    def __init__(self, data_dir: Path, retention_jobs: int) -> None:
+    def __init__(self, data_dir: Path, retention_jobs: int, max_result_lines: int = 10000) -> None:
         self.dir = data_dir / "jobs"
         self.retention_jobs = retention_jobs
+        self.max_result_lines = max_result_lines
         self.jobs: dict[str, Job] = {}
         self._hot: dict[str, JobLog] = {}
         self._cold: OrderedDict[str, JobLog] = OrderedDict()
@@ -100,6 +102,7 @@ class JobStore:
             self._cold.move_to_end(job_id)
             return self._cold[job_id]
         joblog = JobLog.load(self._log_path(job_id))
+        self._repair(self.jobs[job_id], joblog)
         self._remember(job_id, joblog)
         return joblog
 
@@ -127,11 +130,18 @@ class JobStore:
         lines = list(joblog.output_lines())
         job.output_lines, job.output_bytes = len(lines), sum(len(line.encode()) + 1 for line in lines)
         job.transition(JobStatus.LOST, error=LOST_MESSAGE)
-        if not joblog.finished:
+        self._repair(job, joblog)
+        self._write(job)
+
+    def _repair(self, job: Job, joblog: JobLog) -> None:
+        """A finished job's log that lacks its end (the disk failed, or the service died
+        between the two writes) gets it now, so that its streams end."""
+        if job.status.finished and not joblog.finished:
             with contextlib.suppress(OSError):
                 joblog.reopen()
-                joblog.extend(lost_events(job))
-        self._write(job)
+            tail = list(joblog.output_lines())[-self.max_result_lines :] if self.max_result_lines else []
+            end_log(joblog, final_events(job, tail))
+            joblog.close()
 
     def _remember(self, job_id: str, joblog: JobLog) -> None:
         self._cold[job_id] = joblog
@@ -141,8 +151,12 @@ class JobStore:
     def _write(self, job: Job) -> None:
         path = self._record_path(job.job_id)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(json.dumps(job.to_record()).encode())
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(json.dumps(job.to_record()).encode())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def _record_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.json"
@@ -151,11 +165,23 @@ class JobStore:
         return self.dir / f"{job_id}.log"
 
 
-def lost_events(job: Job) -> list[tuple[str, dict[str, object]]]:
-    return [
-        ("status", {"status": job.status.value, "timestamp": now_ms()}),
-        ("error", {"message": job.error or LOST_MESSAGE}),
-    ]
+def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """What ends a finished job's log: its last status, then `complete` (or `error` when
+    the service lost it)."""
+    status = ("status", {"status": job.status.value, "timestamp": now_ms()})
+    if job.status is JobStatus.LOST:
+        return [status, ("error", {"message": job.error or LOST_MESSAGE})]
+    return [status, ("complete", job.execution_response(output))]
+
+
+def end_log(joblog: JobLog, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Append a job's final events; if the data folder fails, keep them in memory so that
+    the stream still ends as it must."""
+    try:
+        joblog.extend(events)
+    except OSError as exc:
+        log.error("cannot write the end of %s: %s", joblog.path.name, exc)
+        joblog.extend(events, durable=False)
 
 
 def now_ms() -> int:

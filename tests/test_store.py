@@ -508,13 +508,15 @@ async def test_changed_resolves_on_append_and_once_finished(tmp_path: Path) -> N
     assert log.changed().done()  # nothing more will come: a waiter never blocks
 
 
-async def test_abandon_ends_a_log_without_a_terminal_event(tmp_path: Path) -> None:
+async def test_an_end_the_file_cannot_take_is_served_from_memory(tmp_path: Path) -> None:
     log = JobLog.create(tmp_path / "a.log")
     log.append("status", {"status": "running", "timestamp": 1})
+    on_disk = (tmp_path / "a.log").read_bytes()
     waiter = log.changed()
-    log.abandon()
+    log.extend([("complete", {"status": "failed"})], durable=False)
     assert waiter.done() and log.finished
-    assert [kind for _, kind, _ in log.events()] == ["status"]
+    assert [kind for _, kind, _ in log.events()] == ["status", "complete"]
+    assert (tmp_path / "a.log").read_bytes() == on_disk  # nothing half-written
 
 
 async def test_a_live_subscriber_and_a_late_one_see_the_same_log(
