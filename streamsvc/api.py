@@ -21,6 +21,7 @@ from .errors import (
     UnknownJob,
     UnsupportedMediaType,
 )
+from .joblog import parse_frames
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects
@@ -37,6 +38,8 @@ REGISTRY = web.AppKey("registry", SessionRegistry)
 
 MAX_ID_CHARS = 200
 MAX_LIST_LIMIT = 1000
+#: how much of a log one write of GET /api/jobs/{id}/log parses and sends
+LOG_CHUNK_BYTES = 256 * 1024
 #: the largest JSON body any route takes
 MAX_JSON_BYTES = 64 * 1024
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
@@ -76,8 +79,8 @@ async def bearer_auth(request: web.Request, handler: Handler) -> web.StreamRespo
     """With `auth_token` set, every /api/ route needs it (the stream route also as ?token=)."""
     token = request.app[CONFIG].server.auth_token
     if token and request.path.startswith("/api/"):
-        header = request.headers.get("Authorization", "")
-        offered = [header.removeprefix("Bearer ")] if header.startswith("Bearer ") else []
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        offered = [credentials.strip(" ")] if scheme.lower() == "bearer" else []
         if request.path.startswith("/api/stream/") and "token" in request.query:
             offered.append(request.query["token"])
         expected = token.encode()
@@ -92,6 +95,8 @@ async def read_json(request: web.Request, fields: tuple[str, ...]) -> dict[str, 
         raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
     try:
         body = json.loads(await request.read())
+    except web.RequestPayloadError:
+        raise BadRequest("the body could not be read (bad Content-Encoding?)") from None
     except (ValueError, RecursionError):
         raise BadRequest("the body is not valid JSON (or nested too deeply)") from None
     if not isinstance(body, dict):
@@ -132,8 +137,8 @@ async def execute(request: web.Request) -> web.Response:
 
 @routes.get("/api/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    status = _query_status(request.query.get("status"))
-    limit = _query_int(request.query.get("limit"), "limit", default=100, high=MAX_LIST_LIMIT)
+    status = _query_status(_query(request, "status"))
+    limit = _query_int(_query(request, "limit"), "limit", default=100, high=MAX_LIST_LIMIT)
     pool = request.app[POOL]
     jobs: list[dict[str, Any]] = []
     for job in request.app[STORE].newest(status):
@@ -143,38 +148,35 @@ async def list_jobs(request: web.Request) -> web.Response:
     return ok(jobs)
 
 
-@routes.get("/api/jobs/{jobId}")
+@routes.get("/api/jobs/{jobId:[^/]+}")
 async def get_job(request: web.Request) -> web.Response:
     job = request.app[STORE].get(job_id_of(request))
     return ok(request.app[POOL].job_json(job))
 
 
-@routes.delete("/api/jobs/{jobId}")
+@routes.delete("/api/jobs/{jobId:[^/]+}")
 async def cancel_job(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     job = pool.cancel(job_id_of(request))
     return ok(pool.job_json(job), status=202)
 
 
-@routes.get("/api/jobs/{jobId}/log")
+@routes.get("/api/jobs/{jobId:[^/]+}/log")
 async def job_log(request: web.Request) -> web.StreamResponse:
-    joblog = request.app[STORE].log(job_id_of(request))
+    joblog = await request.app[STORE].open_log(job_id_of(request))
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    chunk: list[str] = []
-    size = 0
-    for line in joblog.output_lines():
-        chunk.append(line + "\n")
-        size += len(line) + 1
-        if size >= 64 * 1024:
-            await response.write("".join(chunk).encode())
-            chunk, size = [], 0
-    await response.write("".join(chunk).encode())
+    seq, last = 0, joblog.last_seq  # what the log holds now; a running job's later lines are not waited for
+    while seq < last:
+        blob, seq = joblog.frames_after(seq, LOG_CHUNK_BYTES)
+        lines = [data["line"] + "\n" for _, kind, data in parse_frames(blob) if kind == "output"]
+        await response.write("".join(lines).encode())
+        await asyncio.sleep(0)  # a long log must not hold the loop
     await response.write_eof()
     return response
 
 
-@routes.get("/api/stream/{jobId}")
+@routes.get("/api/stream/{jobId:[^/]+}")
 async def stream(request: web.Request) -> web.StreamResponse:
     job_id = job_id_of(request)
     config = request.app[CONFIG]
@@ -182,9 +184,10 @@ async def stream(request: web.Request) -> web.StreamResponse:
     cursor = _last_event_id(request)
     tool = config.tools.get(store.get(job_id).tool_id)
     heartbeat_s = (tool.limits if tool else config.limits).heartbeat_s
+    joblog = await store.open_log(job_id)
     response = make_response(heartbeat_s, config.server.stream_stall_s)
     await response.prepare(request)
-    session = Session(job_id, response, store.log(job_id), cursor)
+    session = Session(job_id, response, joblog, cursor)
     with request.app[REGISTRY].open(session):
         async with response:
             await session.serve(config.server.retry_ms, config.server.stream_stall_s)
@@ -221,8 +224,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def _last_event_id(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID", request.query.get("lastEventId", ""))
+    raw = request.headers.get("Last-Event-ID", "") or _query(request, "lastEventId") or ""
     return _query_int(raw or None, "Last-Event-ID", default=0, high=10**15, low=0)
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    """A query parameter given at most once."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name} must be given at most once")
+    return values[0] if values else None
 
 
 def _query_int(raw: str | None, name: str, *, default: int, high: int, low: int = 1) -> int:

@@ -24,6 +24,8 @@ TERMINAL = frozenset({"complete", "error"})
 
 #: bytes of the newest frames kept in memory per log (older ones are read from the file)
 MEMORY_WINDOW_BYTES = 4 * 1024 * 1024
+#: how much of a log file is read at once when it is loaded
+LOAD_CHUNK_BYTES = 1024 * 1024
 
 
 def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -78,21 +80,29 @@ class JobLog:
 
     @classmethod
     def load(cls, path: Path) -> JobLog:
-        """Read a log back from its file; a torn last frame (a crash mid-write) is cut off."""
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            blob = b""
+        """Index a log's file, reading it in bounded chunks; a torn last frame (a crash
+        mid-write) is cut off. Blocking: call it off the event loop for a large log."""
         ends = array("q", [0])
-        kind = ""
-        start = 0
-        while (stop := blob.find(b"\n\n", start)) != -1:
-            ends.append(stop + 2)
-            kind_at = blob.find(b"\nevent: ", start, stop) + 8
-            kind = blob[kind_at : blob.find(b"\n", kind_at)].decode()
-            start = stop + 2
-        if start < len(blob):
-            os.truncate(path, start)
+        last_head = b""
+        offset = 0  # file offset of `pending`
+        pending = b""  # bytes after the last whole frame
+        try:
+            file = open(path, "rb")  # noqa: SIM115 - closed below; the except must not cover the loop
+        except FileNotFoundError:
+            return cls(path, ends, finished=False)
+        with file:
+            while chunk := file.read(LOAD_CHUNK_BYTES):
+                blob = pending + chunk
+                start = 0
+                while (stop := blob.find(b"\n\n", start)) != -1:
+                    ends.append(offset + stop + 2)
+                    last_head = blob[start : min(stop, start + 64)]
+                    start = stop + 2
+                pending = blob[start:]
+                offset += start
+        if pending:
+            os.truncate(path, offset)
+        kind = last_head.partition(b"\nevent: ")[2].partition(b"\n")[0].decode()
         return cls(path, ends, finished=kind in TERMINAL)
 
     def reopen(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 #: finished logs kept open (their index in memory) for quick replay
 CACHED_LOGS = 64
 LOST_MESSAGE = "the service stopped while the job ran"
+#: the most output (in characters) a `complete` event carries, besides `max_result_lines`
+MAX_RESULT_BYTES = 1024 * 1024
 
 
 class JobStore:
@@ -95,13 +98,24 @@ class JobStore:
             raise UnknownJob(job_id) from None
 
     def log(self, job_id: str) -> JobLog:
+        """A job's log, loaded (blocking) if it is neither hot nor cached."""
+        return self._cached_log(job_id) or self._adopt(job_id, JobLog.load(self._log_path(job_id)))
+
+    async def open_log(self, job_id: str) -> JobLog:
+        """A job's log for a handler: a large file is indexed off the event loop."""
+        if cached := self._cached_log(job_id):
+            return cached
+        joblog = await asyncio.to_thread(JobLog.load, self._log_path(job_id))
+        self.get(job_id)  # it may have been removed meanwhile
+        return self._cached_log(job_id) or self._adopt(job_id, joblog)
+
+    def _cached_log(self, job_id: str) -> JobLog | None:
         self.get(job_id)
-        if job_id in self._hot:
-            return self._hot[job_id]
         if job_id in self._cold:
             self._cold.move_to_end(job_id)
-            return self._cold[job_id]
-        joblog = JobLog.load(self._log_path(job_id))
+        return self._hot.get(job_id) or self._cold.get(job_id)
+
+    def _adopt(self, job_id: str, joblog: JobLog) -> JobLog:
         self._repair(self.jobs[job_id], joblog)
         self._remember(job_id, joblog)
         return joblog
@@ -171,7 +185,18 @@ def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, dict[str, A
     status = ("status", {"status": job.status.value, "timestamp": now_ms()})
     if job.status is JobStatus.LOST:
         return [status, ("error", {"message": job.error or LOST_MESSAGE})]
-    return [status, ("complete", job.execution_response(output))]
+    return [status, ("complete", job.execution_response(_tail_within(output, MAX_RESULT_BYTES)))]
+
+
+def _tail_within(lines: Sequence[str], max_bytes: int) -> list[str]:
+    """The last of `lines` that fit in `max_bytes` (the `complete` event stays small)."""
+    kept: list[str] = []
+    for line in reversed(lines):
+        max_bytes -= len(line) + 1
+        if max_bytes < 0:
+            break
+        kept.append(line)
+    return kept[::-1]
 
 
 def end_log(joblog: JobLog, events: list[tuple[str, dict[str, Any]]]) -> None:
