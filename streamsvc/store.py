@@ -72,9 +72,14 @@ class JobStore:
         job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id, client=client)
         try:
             joblog = JobLog.create(self._log_path(job.job_id))
+        except OSError as exc:
+            raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
+        try:
             self._write(job)
         except OSError as exc:
-            self._log_path(job.job_id).unlink(missing_ok=True)
+            joblog.close()
+            with contextlib.suppress(OSError):
+                self._log_path(job.job_id).unlink(missing_ok=True)
             raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
         self.jobs[job.job_id] = job
         self._hot[job.job_id] = joblog
@@ -169,7 +174,8 @@ class JobStore:
             tmp.write_bytes(json.dumps(job.to_record()).encode())
             os.replace(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise
 
     def _record_path(self, job_id: str) -> Path:

@@ -534,6 +534,28 @@ async def test_a_full_data_dir_refuses_new_jobs_with_503_serves_old_ones_and_rec
     await assert_a_job_completes(client)
 
 
+async def test_a_read_only_data_dir_refuses_new_jobs_with_503_and_serves_old_ones(
+    small_disk: Path, make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    client = await start(make_config({"hello": [PY, "hello.py"]}, server={"data_dir": str(small_disk)}))
+    old_id = await submit(client, "hello")
+    old_events = await follow(client, old_id)
+    remount = ["mount", "-o", "remount,ro", str(small_disk)]
+    subprocess.run(remount, check=True, capture_output=True, timeout=GONE_BOUND_S)
+    try:
+        response = await client.post("/api/execute", json={"toolId": "hello", "projectId": "proj"})
+        assert response.status == 503, await response.text()
+        error = (await response.json())["error"]
+        assert error["code"] == "storage_unavailable" and "read-only" in error["message"].lower(), error
+        assert await follow(client, old_id) == old_events
+        assert await (await client.get(f"/api/jobs/{old_id}/log")).text() == "hello\nworld\n"
+        await assert_healthy(client)
+    finally:
+        remount[2] = "remount,rw"
+        subprocess.run(remount, check=True, capture_output=True, timeout=GONE_BOUND_S)
+    await assert_a_job_completes(client)
+
+
 async def read_to_end_filling_the_disk_at_waiting(
     client: TestClient[Any, Application], job_id: str, disk: Path, gate: Path, *, until_line: bool = False
 ) -> tuple[list[Event], Path]:
