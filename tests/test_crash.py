@@ -473,6 +473,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mount)], capture_output=True, check=False, timeout=GONE_BOUND_S)
 
 
+def remount(mount: Path, mode: str) -> None:
+    """Make the mounted file system read-only ("ro") or writable again ("rw")."""
+    command = ["mount", "-o", f"remount,{mode}", str(mount)]
+    subprocess.run(command, check=True, capture_output=True, timeout=GONE_BOUND_S)
+
+
 def fill(folder: Path) -> Path:
     """Write a file in `folder` until the file system says it is full; the file."""
     filler = folder / "filler"
@@ -540,8 +546,7 @@ async def test_a_read_only_data_dir_refuses_new_jobs_with_503_and_serves_old_one
     client = await start(make_config({"hello": [PY, "hello.py"]}, server={"data_dir": str(small_disk)}))
     old_id = await submit(client, "hello")
     old_events = await follow(client, old_id)
-    remount = ["mount", "-o", "remount,ro", str(small_disk)]
-    subprocess.run(remount, check=True, capture_output=True, timeout=GONE_BOUND_S)
+    remount(small_disk, "ro")
     try:
         response = await client.post("/api/execute", json={"toolId": "hello", "projectId": "proj"})
         assert response.status == 503, await response.text()
@@ -551,8 +556,7 @@ async def test_a_read_only_data_dir_refuses_new_jobs_with_503_and_serves_old_one
         assert await (await client.get(f"/api/jobs/{old_id}/log")).text() == "hello\nworld\n"
         await assert_healthy(client)
     finally:
-        remount[2] = "remount,rw"
-        subprocess.run(remount, check=True, capture_output=True, timeout=GONE_BOUND_S)
+        remount(small_disk, "rw")
     await assert_a_job_completes(client)
 
 
