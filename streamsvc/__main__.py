@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, args.host, args.port)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"streamsvc: config error: {exc}", file=sys.stderr)
         return 2
     try:

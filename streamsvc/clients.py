@@ -15,6 +15,8 @@ from .config import ClientsConfig
 from .errors import UserError
 
 HOUR_S = 3600.0
+#: beyond this many clients with a submission window, idle windows are dropped
+MAX_TRACKED_CLIENTS = 10_000
 
 
 class TooManyJobs(UserError):
@@ -50,7 +52,8 @@ class ClientQuotas:
         if max_active and self._active.get(client, 0) >= max_active:
             raise TooManyJobs(f"at most {max_active} queued or running jobs per client", retry_after_s=5)
         now = time.monotonic()
-        recent = self._recent.get(client)
+        if len(self._recent) > MAX_TRACKED_CLIENTS:
+            self._forget_idle(now)
         if max_per_hour:
             recent = self._recent.setdefault(client, deque(maxlen=max_per_hour))
             while recent and now - recent[0] >= HOUR_S:
@@ -60,6 +63,11 @@ class ClientQuotas:
                 raise TooManyJobs(f"at most {max_per_hour} jobs per client and hour", retry_after_s=wait_s)
             recent.append(now)
         self.hold(client)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop the windows of clients whose last submission is over an hour old."""
+        for client in [c for c, recent in self._recent.items() if not recent or now - recent[-1] >= HOUR_S]:
+            del self._recent[client]
 
     def hold(self, client: str) -> None:
         """Count an active job without the hourly check (a queued job recovered at start)."""

@@ -38,8 +38,11 @@ def parse_frames(blob: bytes) -> Iterator[tuple[int, str, dict[str, Any]]]:
     for frame in blob.split(b"\n\n"):
         if not frame:
             continue
-        fields = dict(line.split(": ", 1) for line in frame.decode().split("\n"))
-        yield int(fields["id"]), fields["event"], json.loads(fields["data"])
+        try:
+            fields = dict(line.split(": ", 1) for line in frame.decode().split("\n"))
+            yield int(fields["id"]), fields["event"], json.loads(fields["data"])
+        except (ValueError, KeyError):  # a damaged frame is skipped, never fatal
+            continue
 
 
 class EventLog(Protocol):
@@ -74,9 +77,8 @@ class JobLog:
     @classmethod
     def create(cls, path: Path) -> JobLog:
         """A new, empty log at `path` (an existing file there is replaced)."""
-        log = cls(path, array("q", [0]), finished=False)
-        log._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        return log
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        return cls(path, array("q", [0]), finished=False)
 
     @classmethod
     def load(cls, path: Path) -> JobLog:
@@ -105,10 +107,6 @@ class JobLog:
         kind = last_head.partition(b"\nevent: ")[2].partition(b"\n")[0].decode()
         return cls(path, ends, finished=kind in TERMINAL)
 
-    def reopen(self) -> None:
-        """Make a loaded, unfinished log appendable again (to end it after a crash)."""
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-
     @property
     def last_seq(self) -> int:
         return len(self._ends) - 1
@@ -126,8 +124,10 @@ class JobLog:
         the file is cut back to its last whole frame and OSError is raised, nothing stored.
         `durable=False` keeps the events in memory only (the file can no longer be written,
         but the job's end must still reach its subscribers)."""
-        if self._finished or (durable and self._fd is None):
-            raise RuntimeError(f"{self.path.name}: the log is closed")
+        if self._finished:
+            raise RuntimeError(f"{self.path.name}: the log has ended")
+        if durable and self._fd is None:  # opened at the first write: a queued job holds no fd
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         seq = self.last_seq
         end = self._ends[-1]
         frames = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import deque
@@ -14,9 +15,9 @@ from .config import Config, ToolConfig
 from .errors import JobFinished, QueueFull, ShuttingDown, UnknownTool
 from .models import Job, JobStatus
 from .projects import Projects
-from .runner import Outcome, Run, RunSpec
+from .runner import REAP_BOUND_S, Outcome, Run, RunSpec
 from .sandbox import Sandbox
-from .store import LOST_MESSAGE, JobStore, end_log, final_events, now_ms
+from .store import LOST_MESSAGE, JobStore, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class WorkerPool:
             run.stop(JobStatus.LOST, LOST_MESSAGE)
         self._work.set()
         grace = max((run.spec.limits.kill_grace_s for run in self._runs.values()), default=0)
-        await asyncio.wait(self._workers, timeout=grace + 5) if self._workers else None
+        if self._workers:  # a run ends within 2 graces and REAP_BOUND_S, however its tree behaves
+            await asyncio.wait(self._workers, timeout=2 * grace + REAP_BOUND_S + 2)
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -160,7 +162,8 @@ class WorkerPool:
             except Exception:  # a bug must cost one job, never a worker
                 log.exception("job %s: internal error", job.job_id)
                 if job.status is JobStatus.RUNNING:
-                    self._finish(job, Outcome(JobStatus.FAILED, error="internal error"), output=())
+                    with contextlib.suppress(Exception):
+                        self._finish(job, Outcome(JobStatus.FAILED, error="internal error"), output=())
 
     async def _run(self, job: Job) -> None:
         tool = self.config.tools.get(job.tool_id)
@@ -180,8 +183,8 @@ class WorkerPool:
         log.info("job %s running", job.job_id)
         try:
             joblog.append("status", {"status": "running", "timestamp": now_ms()})
-        except OSError as exc:
-            outcome = Outcome(JobStatus.FAILED, error=f"cannot write the job log: {exc.strerror}")
+        except (OSError, RuntimeError) as exc:
+            outcome = Outcome(JobStatus.FAILED, error=f"cannot write the job log: {exc}")
         else:
             outcome = await self._execute(job, tool, sink)
         self._finish(job, outcome, tail)
@@ -213,8 +216,7 @@ class WorkerPool:
             self._durations_ms.append(job.duration_ms)
         self.finished_counts[job.status] += 1
         self.quotas.release(job.client)
-        end_log(self.store.log(job.job_id), final_events(job, output))
-        self.store.save(job)
+        self.store.finish(job, output)
         log.info(
             "job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value, job.exit_code, job.signal, job.error
         )

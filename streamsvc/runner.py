@@ -20,6 +20,9 @@ from .models import JobStatus
 from .sandbox import Jail, Sandbox
 
 READ_CHUNK_BYTES = 256 * 1024
+#: a line counts at least this much against max_output_bytes, so that a flood of empty
+#: lines (each an event of ~90 bytes in the log) cannot grow a log far past the cap
+MIN_LINE_CHARGE = 16
 #: how long a killed process tree may take to be gone before we stop waiting for it
 REAP_BOUND_S = 10.0
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -66,6 +69,8 @@ class Run:
         self.sandbox = sandbox
         self.sink = sink
         self.output_bytes = 0
+        #: what counts against max_output_bytes: a short line costs MIN_LINE_CHARGE
+        self._charged = 0
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._truncated = False
@@ -80,7 +85,11 @@ class Run:
         if not self.spec.cwd.is_dir():
             return Outcome(JobStatus.FAILED, error=f"the working folder {self.spec.cwd.name!r} does not exist")
         jail = self.sandbox.jail(self.spec.limits)
-        home = Path(tempfile.mkdtemp(prefix="streamsvc-home-"))
+        try:
+            home = Path(tempfile.mkdtemp(prefix="streamsvc-home-"))
+        except OSError as exc:
+            await _empty(jail)
+            return Outcome(JobStatus.FAILED, error=f"cannot make the job's home folder: {exc.strerror}")
         try:
             if self.sandbox.user is not None:
                 os.chown(home, *self.sandbox.user)
@@ -186,7 +195,8 @@ class Run:
         batch = []
         for raw in raw_lines:
             for piece in _pieces(raw, max_line):
-                if self.output_bytes + len(piece) + 1 > cap:
+                self._charged += max(len(piece) + 1, MIN_LINE_CHARGE)
+                if self._charged > cap:
                     self._truncated = True
                     self.stop(JobStatus.FAILED, f"output exceeded max_output_bytes ({cap} bytes); the job was stopped")
                     break

@@ -149,7 +149,10 @@ def _limit(which: int, value: int) -> None:
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
-    resource.setrlimit(which, (value, hard if which == resource.RLIMIT_CPU else value))
+    if which == resource.RLIMIT_CPU:  # SIGXCPU at the soft limit, SIGKILL a second later
+        resource.setrlimit(which, (value, value + 1 if hard == resource.RLIM_INFINITY else hard))
+    else:
+        resource.setrlimit(which, (value, value))
 
 
 def _own_path(controller: str) -> str:

@@ -60,9 +60,7 @@ class JobStore:
             if job.status is JobStatus.RUNNING:
                 self._end_lost(job)
             elif job.status is JobStatus.QUEUED:
-                joblog = JobLog.load(self._log_path(job.job_id))
-                joblog.reopen()
-                self._hot[job.job_id] = joblog
+                self._hot[job.job_id] = JobLog.load(self._log_path(job.job_id))
                 queued.append(job)
         self.prune()
         return queued
@@ -86,15 +84,22 @@ class JobStore:
         return job
 
     def save(self, job: Job) -> None:
-        """Persist the record; a finished job's log leaves the hot set. A failing data
-        folder is logged, not raised: the record in memory stays right and is served."""
+        """Persist the record. A failing data folder is logged, not raised: the record in
+        memory stays right and is served."""
         try:
             self._write(job)
         except OSError as exc:
             log.error("cannot save job record %s: %s", job.job_id, exc)
-        if job.status.finished and job.job_id in self._hot:
-            self._remember(job.job_id, self._hot.pop(job.job_id))
-            self.prune()
+
+    def finish(self, job: Job, output: Sequence[str]) -> None:
+        """A job has ended: save its record, then end its log (a crash between the two
+        leaves a log without its end, which loading completes), then apply retention."""
+        self.save(job)
+        joblog = self.log(job.job_id)
+        end_log(joblog, final_events(job, output))
+        if self._hot.pop(job.job_id, None) is not None:
+            self._remember(job.job_id, joblog)
+        self.prune()
 
     def get(self, job_id: str) -> Job:
         try:
@@ -156,8 +161,6 @@ class JobStore:
         """A finished job's log that lacks its end (the disk failed, or the service died
         between the two writes) gets it now, so that its streams end."""
         if job.status.finished and not joblog.finished:
-            with contextlib.suppress(OSError):
-                joblog.reopen()
             tail = list(joblog.output_lines())[-self.max_result_lines :] if self.max_result_lines else []
             end_log(joblog, final_events(job, tail))
             joblog.close()
@@ -208,6 +211,8 @@ def _tail_within(lines: Sequence[str], max_bytes: int) -> list[str]:
 def end_log(joblog: JobLog, events: list[tuple[str, dict[str, Any]]]) -> None:
     """Append a job's final events; if the data folder fails, keep them in memory so that
     the stream still ends as it must."""
+    if joblog.finished:
+        return  # it ended already (the record was saved first and a crash came between)
     try:
         joblog.extend(events)
     except OSError as exc:

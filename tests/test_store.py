@@ -28,10 +28,12 @@ from conftest import (
 )
 
 from streamsvc import joblog as joblog_module
+from streamsvc.api import STORE
 from streamsvc.config import Config
 from streamsvc.errors import UnknownJob
 from streamsvc.joblog import JobLog, encode_frame, parse_frames
 from streamsvc.models import JobStatus
+from streamsvc.runner import MIN_LINE_CHARGE
 from streamsvc.store import JobStore
 
 #: prints its pid, then blocks until the file named by argv[1] exists
@@ -365,8 +367,7 @@ def test_prune_removes_the_oldest_finished_jobs_with_their_files(tmp_path: Path)
     for job in jobs:
         job.transition(JobStatus.RUNNING)
         job.transition(JobStatus.COMPLETED)
-        store.log(job.job_id).append("complete", {"status": "completed"})
-        store.save(job)
+        store.finish(job, [])
     assert list(store.jobs) == [job.job_id for job in jobs[2:]]
     names = {path.name for path in (tmp_path / "jobs").iterdir()}
     assert names == {f"{job.job_id}.{ext}" for job in jobs[2:] for ext in ("json", "log")}
@@ -462,7 +463,6 @@ def test_a_loaded_unfinished_log_continues_its_numbering(tmp_path: Path) -> None
 
     log = JobLog.load(path)
     assert log.last_seq == 3 and not log.finished
-    log.reopen()
     assert log.append("error", {"message": "lost"}) == 4
     assert log.finished
     events = list(parse_frames(path.read_bytes()))
@@ -536,3 +536,46 @@ async def test_a_live_subscriber_and_a_late_one_see_the_same_log(
     assert lines_of(events) == [f"a {i}" for i in range(3000)] + ["mid"] + [f"b {i}" for i in range(3000)]
     assert await follow(client, job_id) == events
     assert await log_of(client, job_id) == "".join(line + "\n" for line in lines_of(events))
+
+
+def leave_records(data_dir: Path, *states: JobStatus) -> list[str]:
+    """Job records in `data_dir` as a dead service might leave them: one per state, each
+    with no log file at all (a damaged data folder)."""
+    store = JobStore(data_dir, retention_jobs=10)
+    store.recover()
+    ids = []
+    for state in states:
+        job = store.add("hello", "proj")
+        if state is not JobStatus.QUEUED:
+            job.transition(JobStatus.RUNNING)
+        store.save(job)
+        store.log(job.job_id).close()
+        (data_dir / "jobs" / f"{job.job_id}.log").unlink()
+        ids.append(job.job_id)
+    return ids
+
+
+async def test_records_without_their_logs_neither_stop_start_up_nor_hang_streams(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    config = make_config({"hello": [PY, "hello.py"]})
+    running_id, queued_id = leave_records(config.server.data_dir, JobStatus.RUNNING, JobStatus.QUEUED)
+    client = await start(config)
+
+    lost = await follow(client, running_id)  # ends, with the contract's terminal event
+    assert [e.event for e in lost] == ["status", "error"] and lost[0].data["status"] == "lost"
+    assert lines_of(await follow(client, queued_id)) == ["hello", "world"]  # accepted, so it runs
+    assert (await client.get(f"/api/jobs/{running_id}/log")).status == 200
+
+
+async def test_a_flood_of_empty_lines_meets_the_output_cap_long_before_the_log_balloons(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    flood = "import sys\nwhile True: sys.stdout.write('\\n' * 4096)"
+    client = await start(make_config({"flood": {"argv": [PY, "-c", flood], "max_output_bytes": 64_000}}))
+    job_id = await submit(client, "flood")
+    events = await follow(client, job_id)
+    assert events[-1].data["status"] == "failed" and events[-1].data["truncated"] is True
+    assert len(lines_of(events)) <= 64_000 // MIN_LINE_CHARGE  # an empty line counts for more than 1 byte
+    log_file = client.app[STORE].dir / f"{job_id}.log" if client.app is not None else None
+    assert log_file is not None and log_file.stat().st_size < 10 * 64_000
