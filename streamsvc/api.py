@@ -21,7 +21,6 @@ from .errors import (
     UnknownJob,
     UnsupportedMediaType,
 )
-from .joblog import parse_frames
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects
@@ -140,11 +139,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     status = _query_status(_query(request, "status"))
     limit = _query_int(_query(request, "limit"), "limit", default=100, high=MAX_LIST_LIMIT)
     pool = request.app[POOL]
+    positions = pool.positions()
     jobs: list[dict[str, Any]] = []
     for job in request.app[STORE].newest(status):
         if len(jobs) == limit:
             break
-        jobs.append(pool.job_json(job))
+        jobs.append(pool.job_json(job, positions))
     return ok(jobs)
 
 
@@ -166,10 +166,8 @@ async def job_log(request: web.Request) -> web.StreamResponse:
     joblog = await request.app[STORE].open_log(job_id_of(request))
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)
-    seq, last = 0, joblog.last_seq  # what the log holds now; a running job's later lines are not waited for
-    while seq < last:
-        blob, seq = joblog.frames_after(seq, LOG_CHUNK_BYTES)
-        lines = [data["line"] + "\n" for _, kind, data in parse_frames(blob) if kind == "output"]
+    for batch in joblog.event_batches(LOG_CHUNK_BYTES):  # what it holds now: a running job is not waited for
+        lines = [data["line"] + "\n" for _, kind, data in batch if kind == "output"]
         await response.write("".join(lines).encode())
         await asyncio.sleep(0)  # a long log must not hold the loop
     await response.write_eof()

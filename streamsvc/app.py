@@ -49,6 +49,7 @@ async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].start()
     yield
     await app[POOL].stop()
+    app[STORE].close()
 
 
 async def _close_streams(app: web.Application) -> None:

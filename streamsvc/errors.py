@@ -65,11 +65,6 @@ class UnknownJob(NotFound):
         self.job_id = job_id
 
 
-class MethodNotAllowed(UserError):
-    status = 405
-    code = "method_not_allowed"
-
-
 class Conflict(UserError):
     status = 409
     code = "conflict"
@@ -80,11 +75,6 @@ class JobFinished(Conflict):
 
     def __init__(self, job_id: str, status: str) -> None:
         super().__init__(f"job {job_id} has already finished ({status})")
-
-
-class BodyTooLarge(UserError):
-    status = 413
-    code = "body_too_large"
 
 
 class UnsupportedMediaType(UserError):

@@ -193,10 +193,15 @@ class JobLog:
 
     def events(self) -> Iterator[tuple[int, str, dict[str, Any]]]:
         """Every event, parsed back from its frame, in order."""
-        for seq in range(0, self.last_seq, 512):
-            upto = min(seq + 512, self.last_seq)
-            blob, _ = self.frames_after(seq, self._ends[upto] - self._ends[seq])
-            yield from parse_frames(blob)
+        for batch in self.event_batches():
+            yield from batch
+
+    def event_batches(self, max_bytes: int = 256 * 1024) -> Iterator[list[tuple[int, str, dict[str, Any]]]]:
+        """The events the log holds now, parsed, in batches of about `max_bytes` of frames."""
+        seq, last = 0, self.last_seq
+        while seq < last:
+            blob, seq = self.frames_after(seq, max_bytes)
+            yield list(parse_frames(blob))
 
     def close(self) -> None:
         """Release the file (the job is over or the service stops); readers stay served,

@@ -15,7 +15,7 @@ from .config import Config, ToolConfig
 from .errors import JobFinished, QueueFull, ShuttingDown, UnknownTool
 from .models import Job, JobStatus
 from .projects import Projects
-from .runner import REAP_BOUND_S, Outcome, Run, RunSpec
+from .runner import REAP_BOUND_S, Outcome, Run, RunSpec, Sink
 from .sandbox import Sandbox
 from .store import LOST_MESSAGE, JobStore, now_ms
 
@@ -73,7 +73,6 @@ class WorkerPool:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        self.store.close()
         self.sandbox.close()
 
     def submit(self, tool_id: str, project_id: str, client: str = "") -> Job:
@@ -113,12 +112,9 @@ class WorkerPool:
         except (KeyError, TypeError):
             raise UnknownTool(tool_id) from None
 
-    def position(self, job_id: str) -> int | None:
-        """1-based place in the queue of a queued job."""
-        for place, queued_id in enumerate(self._pending, start=1):
-            if queued_id == job_id:
-                return place
-        return None
+    def positions(self) -> dict[str, int]:
+        """Each queued job's 1-based place in the queue."""
+        return {job_id: place for place, job_id in enumerate(self._pending, start=1)}
 
     def estimated_wait_ms(self, position: int) -> int:
         """The origin design's estimate: whole waves of `workers` jobs of recent mean length."""
@@ -128,8 +124,11 @@ class WorkerPool:
         mean = sum(self._durations_ms) / len(self._durations_ms) if self._durations_ms else 0
         return round(math.ceil(position / workers) * mean)
 
-    def job_json(self, job: Job) -> dict[str, Any]:
-        position = self.position(job.job_id) if job.status is JobStatus.QUEUED else None
+    def job_json(self, job: Job, positions: dict[str, int] | None = None) -> dict[str, Any]:
+        """The API's Job; pass `positions()` when serving many jobs at once."""
+        if positions is None and job.status is JobStatus.QUEUED:
+            positions = self.positions()
+        position = (positions or {}).get(job.job_id)
         wait = self.estimated_wait_ms(position) if position is not None else None
         return job.to_json(position, wait)
 
@@ -189,7 +188,7 @@ class WorkerPool:
             outcome = await self._execute(job, tool, sink)
         self._finish(job, outcome, tail)
 
-    async def _execute(self, job: Job, tool: ToolConfig | None, sink: Any) -> Outcome:
+    async def _execute(self, job: Job, tool: ToolConfig | None, sink: Sink) -> Outcome:
         if tool is None:  # the tool left the config between two runs of the service
             return Outcome(JobStatus.FAILED, error=f"tool {job.tool_id!r} is no longer configured")
         try:

@@ -73,10 +73,14 @@ class Run:
         self._charged = 0
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
+        self._exited = False
         self._truncated = False
 
     def stop(self, status: JobStatus, error: str) -> None:
-        """Ask the run to end with `status` (the first reason given wins)."""
+        """Ask the run to end with `status` (the first reason given wins). Once the tool
+        has exited, only the output cap can still change how its job ended."""
+        if self._exited and status is not JobStatus.FAILED:
+            return
         if self._stop is None:
             self._stop = _Stop(status, error)
             self._stopped.set()
@@ -123,6 +127,7 @@ class Run:
         pid = transport.get_pid()
         try:
             await self._supervise(pid, protocol.exited)
+            self._exited = True
         finally:
             await self._drain(pid, jail, pumps)
             transport.close()
