@@ -1,16 +1,22 @@
 """Shared fixtures and helpers: a config factory, a live service over a real socket, an SSE reader,
-the API's job records, and whether a process is gone."""
+the API's job records, whether a process is gone, and a real `python -m streamsvc server` process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import attrs
 import pytest
 from aiohttp import ClientResponse
@@ -26,6 +32,9 @@ PY = sys.executable
 UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
 #: the bound on any wait for something that should happen at once (a job to start, a process to end)
 BOUND_S = 10.0
+#: the bound on a service process's start, and on one HTTP exchange with it (generous: only matters when broken)
+START_BOUND_S = 20.0
+HTTP_BOUND_S = 30.0
 
 #: scripts in the test project; each is a tool's behaviour under test
 SCRIPTS = {
@@ -179,7 +188,7 @@ def lines_of(events: list[Event]) -> list[str]:
 
 def assert_numbered(events: list[Event]) -> None:
     """The events are numbered 1, 2, 3, ... with none missing."""
-    assert [e.id for e in events] == list(range(1, len(events) + 1))
+    assert [e.id for e in events] == list(range(1, len(events) + 1)), [(e.id, e.event) for e in events]
 
 
 # --- job records over the API ----------------------------------------------------------
@@ -254,3 +263,117 @@ def cgroup_controllers() -> set[str]:
         return set(sandbox.cgroup_parents)
     finally:
         sandbox.close()
+
+
+# --- a real service process -------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This environment without STREAMSVC_CONFIG, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "STREAMSVC_CONFIG"}
+    return env | extra
+
+
+@attrs.define
+class Server:
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    err: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def kill_9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=BOUND_S)
+
+    def stop(self) -> None:
+        """End the process for sure: TERM, a bounded wait, then KILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=BOUND_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=BOUND_S)
+
+
+Launch = Callable[..., Awaitable[Server]]
+
+
+def spawn(args: tuple[str, ...], cwd: Path | None, env: dict[str, str], logs: Path) -> Server:
+    """Start `python -m streamsvc server ARGS` on a free port, its output in `logs`.out and `logs`.err."""
+    port = free_port()
+    out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
+    argv = [PY, "-m", "streamsvc", "server", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr)
+    return Server(proc, port, out, err)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Start `python -m streamsvc server ARGS --host 127.0.0.1 --port <free>` (in `cwd`, with `env` or
+    `child_env()`) and wait until it says it serves; stopped by the fixture."""
+    servers: list[Server] = []
+    logs = tmp_path / "logs"
+
+    async def factory(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Server:
+        logs.mkdir(exist_ok=True)
+        server = spawn(args, cwd, env or child_env(), logs / str(len(servers)))
+        servers.append(server)
+        proc, serving = server.proc, f"serving on {server.url}"
+        await eventually(
+            lambda: proc.poll() is not None or serving in server.stdout(),
+            "the service announces it serves",
+            bound_s=START_BOUND_S,
+        )
+        assert proc.poll() is None, f"exited with {proc.poll()}: {server.stdout()} {server.stderr()}"
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextlib.asynccontextmanager
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_BOUND_S)) as http:
+        yield http
+
+
+async def post_job(http: aiohttp.ClientSession, server: Server, tool: str, project: str = "proj") -> str:
+    body = {"toolId": tool, "projectId": project}
+    async with http.post(f"{server.url}/api/execute", json=body) as response:
+        assert response.status == 202, await response.text()
+        job_id: str = (await response.json())["data"]["jobId"]
+    return job_id
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
+    """GET `url`: it answers 200; the `data` of its body."""
+    async with http.get(url) as response:
+        assert response.status == 200, await response.text()
+        return (await response.json())["data"]
+
+
+async def stream_of(http: aiohttp.ClientSession, server: Server, job_id: str, **headers: str) -> list[Event]:
+    async with http.get(f"{server.url}/api/stream/{job_id}", headers=headers) as response:
+        return await collect(response)

@@ -8,11 +8,10 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,18 @@ from conftest import (
     ClientFactory,
     ConfigFactory,
     Event,
-    collect,
+    Launch,
+    Server,
+    assert_numbered,
     eventually,
     follow,
+    get_json,
+    is_gone,
     lines_of,
+    post_job,
     read_sse,
+    session,
+    stream_of,
     submit,
     write_project,
 )
@@ -39,10 +45,8 @@ from streamsvc.config import Config
 from streamsvc.sandbox import Sandbox
 
 #: bounds on waits for a condition; generous, they only matter when something is broken
-START_BOUND_S = 20.0
 GONE_BOUND_S = 10.0
 JOB_BOUND_S = 10.0
-HTTP_BOUND_S = 30.0
 
 #: the tool killed with its service: records its pid, starts a grandchild that leaves the
 #: process group with setsid(), prints whole lines, then an unended one, then waits on a gate
@@ -118,79 +122,6 @@ while not os.path.exists(release):
 TORN_FRAME = b"id: 99\nevent: out"
 
 
-# --- a real service process ------------------------------------------------------------------
-
-
-@attrs.define
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    out: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill_9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=GONE_BOUND_S)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=GONE_BOUND_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=GONE_BOUND_S)
-
-
-Launch = Callable[[Path], Awaitable[Server]]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def spawn(config: Path, out: Path) -> Server:
-    port = free_port()
-    argv = [PY, "-m", "streamsvc", "server", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if k != "STREAMSVC_CONFIG"}
-    with out.open("wb") as output:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-    return Server(proc, port, out)
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start `python -m streamsvc server --config FILE` and wait until it serves; stopped by the fixture."""
-    servers: list[Server] = []
-    logs = tmp_path / "logs"
-    logs.mkdir()
-
-    async def factory(config: Path) -> Server:
-        server = spawn(config, logs / f"{len(servers)}.out")
-        servers.append(server)
-        proc, out = server.proc, server.out
-        serving = f"serving on {server.url}"
-        await eventually(
-            lambda: proc.poll() is not None or serving in out.read_text(errors="replace"),
-            "the service announces it serves",
-            bound_s=START_BOUND_S,
-        )
-        assert proc.poll() is None, out.read_text(errors="replace")
-        return server
-
-    try:
-        yield factory
-    finally:
-        for server in servers:
-            server.stop()
-
-
 @attrs.frozen
 class CrashSetup:
     config: Path
@@ -237,34 +168,10 @@ def crash_setup(tmp_path: Path) -> Iterator[CrashSetup]:
                     os.kill(pid, signal.SIGKILL)
 
 
-@contextlib.asynccontextmanager
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_BOUND_S)) as http:
-        yield http
-
-
-async def post_job(http: aiohttp.ClientSession, server: Server, tool: str) -> str:
-    async with http.post(f"{server.url}/api/execute", json={"toolId": tool, "projectId": "proj"}) as response:
-        assert response.status == 202, await response.text()
-        job_id: str = (await response.json())["data"]["jobId"]
-    return job_id
-
-
-async def get_data(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        assert response.status == 200, await response.text()
-        return (await response.json())["data"]
-
-
 async def get_text(http: aiohttp.ClientSession, url: str, **headers: str) -> str:
     async with http.get(url, headers=headers) as response:
         assert response.status == 200, await response.text()
         return await response.text()
-
-
-async def stream_of(http: aiohttp.ClientSession, server: Server, job_id: str, **headers: str) -> list[Event]:
-    async with http.get(f"{server.url}/api/stream/{job_id}", headers=headers) as response:
-        return await collect(response)
 
 
 async def read_until_line(http: aiohttp.ClientSession, server: Server, job_id: str, line: str) -> list[Event]:
@@ -299,23 +206,11 @@ def stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
-def is_gone(pid: int) -> bool:
-    """No such process, or only its zombie (dead, waiting for whoever adopted it)."""
-    try:
-        return stat_fields(pid)[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
 async def wait_gone(pid: int, what: str) -> None:
     try:
         await eventually(lambda: is_gone(pid), f"{what} {pid} is gone", bound_s=GONE_BOUND_S)
     except TimeoutError:
         pytest.fail(f"{what} {pid} outlived the killed service by {GONE_BOUND_S} s")
-
-
-def assert_numbered(events: list[Event]) -> None:
-    assert [e.id for e in events] == list(range(1, len(events) + 1)), [(e.id, e.event) for e in events]
 
 
 def assert_ended_lost(events: list[Event]) -> None:
@@ -333,20 +228,20 @@ async def test_kill_9_mid_job_loses_it_with_its_output_kept_and_the_queued_job_r
     launch: Launch, crash_setup: CrashSetup
 ) -> None:
     async with session() as http:
-        first = await launch(crash_setup.config)
+        first = await launch("--config", str(crash_setup.config))
         job_id = await post_job(http, first, "crash")
         seen = await read_until_line(http, first, job_id, "ready")
         queued_id = await post_job(http, first, "hello")
-        queued = await get_data(http, f"{first.url}/api/jobs/{queued_id}")
+        queued = await get_json(http, f"{first.url}/api/jobs/{queued_id}")
         assert (queued["status"], queued["queuePosition"]) == ("queued", 1)
         first.kill_9()
 
-        again = await launch(crash_setup.config)
-        lost = await get_data(http, f"{again.url}/api/jobs/{job_id}")
+        again = await launch("--config", str(crash_setup.config))
+        lost = await get_json(http, f"{again.url}/api/jobs/{job_id}")
         history = await stream_of(http, again, job_id)
         log = await get_text(http, f"{again.url}/api/jobs/{job_id}/log")
         ran = await stream_of(http, again, queued_id)
-        done = await get_data(http, f"{again.url}/api/jobs/{queued_id}")
+        done = await get_json(http, f"{again.url}/api/jobs/{queued_id}")
 
     printed = lines_of(seen)
     assert printed[2:] == CRASH_LINES
@@ -386,7 +281,7 @@ async def test_kill_9_of_the_service_leaves_no_process_of_its_job_even_one_that_
     if not writable_cgroups():
         pytest.skip("no writable cgroup here: nothing can find a killed service's setsid() descendants")
     async with session() as http:
-        server = await launch(crash_setup.config)
+        server = await launch("--config", str(crash_setup.config))
         job_id = await post_job(http, server, "crash")
         printed = lines_of(await read_until_line(http, server, job_id, "ready"))
         tool_pid, grandchild_pid = pids_of(printed)
@@ -408,7 +303,7 @@ async def test_torn_log_tail_and_torn_records_left_by_a_kill_9_are_harmless(
     launch: Launch, crash_setup: CrashSetup
 ) -> None:
     async with session() as http:
-        first = await launch(crash_setup.config)
+        first = await launch("--config", str(crash_setup.config))
         job_id, seen = await crash_mid_job(http, first)
 
         jobs = crash_setup.data / "jobs"
@@ -419,9 +314,9 @@ async def test_torn_log_tail_and_torn_records_left_by_a_kill_9_are_harmless(
         torn_id = str(uuid.uuid4())
         (jobs / f"{torn_id}.json").write_bytes(f'{{"jobId": "{torn_id}", "status": "runn'.encode())
 
-        again = await launch(crash_setup.config)
-        lost = await get_data(http, f"{again.url}/api/jobs/{job_id}")
-        listed = await get_data(http, f"{again.url}/api/jobs")
+        again = await launch("--config", str(crash_setup.config))
+        lost = await get_json(http, f"{again.url}/api/jobs/{job_id}")
+        listed = await get_json(http, f"{again.url}/api/jobs")
         async with http.get(f"{again.url}/api/jobs/{torn_id}") as response:
             torn_status, torn_body = response.status, await response.json()
         raw = await get_text(http, f"{again.url}/api/stream/{job_id}")

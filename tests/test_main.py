@@ -10,93 +10,35 @@ import signal
 import socket
 import subprocess
 import textwrap
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import attrs
 import pytest
-from conftest import PY, Event, assert_gone, assert_numbered, is_gone, read_sse
+from conftest import (
+    PY,
+    START_BOUND_S,
+    Event,
+    Launch,
+    Server,
+    assert_gone,
+    assert_numbered,
+    child_env,
+    free_port,
+    get_json,
+    is_gone,
+    post_job,
+    read_sse,
+    session,
+    stream_of,
+)
 
 from streamsvc.config import DEMO_DIR
 
-#: bounds on waits for a condition; generous, they only matter when something is broken
-START_BOUND_S = 20.0
-STREAM_BOUND_S = 30.0
-GONE_BOUND_S = 10.0
+#: the `hang` tool's kill_grace_s: how long the service waits after TERM before it KILLs the tool
 KILL_GRACE_S = 1.0
 
 DEMO_TOOLS = ("progress", "warnings", "fail", "line-count")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "STREAMSVC_CONFIG"}
-    return env | extra
-
-
-@attrs.define
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    out: Path
-    err: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """End the process for sure: TERM, a bounded wait, then KILL."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=GONE_BOUND_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=GONE_BOUND_S)
-
-
-Launch = Callable[..., Server]
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start `python -m streamsvc server ARGS --host 127.0.0.1 --port <free>`; stopped by the fixture."""
-    servers: list[Server] = []
-
-    def factory(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Server:
-        port = free_port()
-        logs = tmp_path / "logs"
-        logs.mkdir(exist_ok=True)
-        out, err = logs / f"{len(servers)}.out", logs / f"{len(servers)}.err"
-        argv = [PY, "-m", "streamsvc", "server", *args, "--host", "127.0.0.1", "--port", str(port)]
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=env or child_env(), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
-            )
-        server = Server(proc, port, out, err)
-        servers.append(server)
-        return server
-
-    try:
-        yield factory
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def run_cli(
@@ -126,12 +68,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *mentions: s
     assert "serving on" not in result.stdout
 
 
-@contextlib.asynccontextmanager
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=STREAM_BOUND_S)) as http:
-        yield http
-
-
 async def wait_ready(server: Server, http: aiohttp.ClientSession) -> None:
     """Poll (bounded) until the process printed its "serving on" line and /healthz answers."""
     loop = asyncio.get_running_loop()
@@ -156,26 +92,6 @@ async def wait_exit(server: Server, bound_s: float) -> int:
         assert loop.time() < deadline, f"still running after {bound_s} s"
         await asyncio.sleep(0.05)
     return code
-
-
-async def submit(http: aiohttp.ClientSession, server: Server, tool: str, project: str) -> str:
-    body = {"toolId": tool, "projectId": project}
-    async with http.post(f"{server.url}/api/execute", json=body) as response:
-        assert response.status == 202, await response.text()
-        job_id: str = (await response.json())["data"]["jobId"]
-    return job_id
-
-
-async def follow(http: aiohttp.ClientSession, server: Server, job_id: str) -> list[Event]:
-    async with http.get(f"{server.url}/api/stream/{job_id}") as response:
-        assert response.status == 200, await response.text()
-        return [item async for item in read_sse(response) if isinstance(item, Event)]
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> Any:
-    async with http.get(url) as response:
-        assert response.status == 200, await response.text()
-        return (await response.json())["data"]
 
 
 def outputs(events: list[Event], stream: str | None = None) -> list[str]:
@@ -266,13 +182,13 @@ async def test_env_var_config_is_served_with_cli_host_and_port(tmp_path: Path, l
     (tmp_path / "etc" / "projects" / "p").mkdir(parents=True)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    server = launch(cwd=cwd, env=child_env(STREAMSVC_CONFIG=str(path)))  # the file's port 9 is overridden
+    server = await launch(cwd=cwd, env=child_env(STREAMSVC_CONFIG=str(path)))  # the file's port 9 is overridden
     async with session() as http:
         await wait_ready(server, http)
         tools = await get_json(http, f"{server.url}/api/tools")
         assert [tool["id"] for tool in tools] == ["hello"]
-        job_id = await submit(http, server, "hello", "p")
-        events = await follow(http, server, job_id)
+        job_id = await post_job(http, server, "hello", "p")
+        events = await stream_of(http, server, job_id)
     assert outputs(events) == ["hello"]
     assert "(tools: hello)" in server.stdout()
     assert (tmp_path / "etc" / "data" / "jobs" / f"{job_id}.json").is_file()  # beside the file, not in cwd
@@ -282,7 +198,7 @@ async def test_env_var_config_is_served_with_cli_host_and_port(tmp_path: Path, l
 async def test_config_flag_wins_over_the_env_var(tmp_path: Path, launch: Launch) -> None:
     bad = write_config(tmp_path / "bad", "[queue]\nworkers = 0\n")
     good = write_config(tmp_path / "good", HELLO_CONFIG)
-    server = launch("--config", str(good), cwd=tmp_path, env=child_env(STREAMSVC_CONFIG=str(bad)))
+    server = await launch("--config", str(good), cwd=tmp_path, env=child_env(STREAMSVC_CONFIG=str(bad)))
     async with session() as http:
         await wait_ready(server, http)
         tools = await get_json(http, f"{server.url}/api/tools")
@@ -290,7 +206,7 @@ async def test_config_flag_wins_over_the_env_var(tmp_path: Path, launch: Launch)
 
 
 async def test_embedded_default_runs_every_demo_tool(tmp_path: Path, launch: Launch) -> None:
-    server = launch(cwd=tmp_path)
+    server = await launch(cwd=tmp_path)
     async with session() as http:
         await wait_ready(server, http)
         tools = await get_json(http, f"{server.url}/api/tools")
@@ -299,9 +215,9 @@ async def test_embedded_default_runs_every_demo_tool(tmp_path: Path, launch: Lau
         assert "hello" in [project["projectId"] for project in projects]
 
         ids = {
-            tool: await submit(http, server, tool, "hello") for tool in ("progress", "warnings", "fail", "line-count")
+            tool: await post_job(http, server, tool, "hello") for tool in ("progress", "warnings", "fail", "line-count")
         }
-        results = await asyncio.gather(*(follow(http, server, job_id) for job_id in ids.values()))
+        results = await asyncio.gather(*(stream_of(http, server, job_id) for job_id in ids.values()))
         runs = dict(zip(ids, results, strict=True))
         jobs = {tool: await get_json(http, f"{server.url}/api/jobs/{job_id}") for tool, job_id in ids.items()}
 
@@ -395,10 +311,10 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
 ) -> None:
     path, pids, gate = hang_config(tmp_path)
     with released(pids, gate):
-        server = launch("--config", str(path), cwd=tmp_path)
+        server = await launch("--config", str(path), cwd=tmp_path)
         async with session() as http:
             await wait_ready(server, http)
-            job_id = await submit(http, server, "hang", "p")
+            job_id = await post_job(http, server, "hang", "p")
             async with http.get(f"{server.url}/api/stream/{job_id}") as response:
                 assert response.status == 200
                 events: list[Event] = []
@@ -425,12 +341,12 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
             await assert_gone(tool_pid)  # the tool and its grandchild did not outlive the service
             await assert_gone(grandchild_pid)
 
-            again = launch("--config", str(path), cwd=tmp_path)
+            again = await launch("--config", str(path), cwd=tmp_path)
             await wait_ready(again, http)
             job = await get_json(http, f"{again.url}/api/jobs/{job_id}")
             assert job["status"] == "lost"
             assert job["completedAt"] is not None
-            history = await follow(http, again, job_id)
+            history = await stream_of(http, again, job_id)
 
     assert_numbered(history)
     assert outputs(history) == ["started"]
