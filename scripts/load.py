@@ -44,7 +44,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -693,17 +693,26 @@ async def abort_round(target: Target, count: int, batch: int, read_bytes: int = 
     }
 
 
-async def scenario_streams(target: Target, count: int, batch: int, warm_up: int) -> Report:
-    """(a) after a warm-up round: `count` streams leave mid-job; nothing of theirs may stay."""
-    await abort_round(target, warm_up, batch)
+async def measured(
+    name: str, target: Target, count: int, warm_up: int, run_round: Callable[[int], Awaitable[dict[str, Any]]]
+) -> Report:
+    """Run a warm-up round, take the baseline, run the measured round, wait for the service to
+    settle, and report what stayed behind."""
+    await run_round(warm_up)
     baseline = await quiesce(target.probe)
-    result = await abort_round(target, count, batch)
+    result = await run_round(count)
     after, settle_s = await settle(target.probe, baseline)
     problems = result.pop("problems") + leaks(baseline, after)
-    if await target.sessions_down_to(None, 0) not in (None, 0):
-        problems.append(f"{target.sessions and target.sessions(None)} SSE sessions still open after the round")
     seconds = result.pop("seconds")
-    return Report("streams", count, seconds, baseline.brief(), after.brief(), settle_s, result, problems)
+    return Report(name, count, seconds, baseline.brief(), after.brief(), settle_s, result, problems)
+
+
+async def scenario_streams(target: Target, count: int, batch: int, warm_up: int) -> Report:
+    """(a) after a warm-up round: `count` streams leave mid-job; nothing of theirs may stay."""
+    report = await measured("streams", target, count, warm_up, lambda n: abort_round(target, n, batch))
+    if await target.sessions_down_to(None, 0) not in (None, 0):
+        report.problems.append(f"{target.sessions and target.sessions(None)} SSE sessions still open after the round")
+    return report
 
 
 # --- (b) short jobs -----------------------------------------------------------------------
@@ -754,13 +763,7 @@ async def jobs_round(target: Target, count: int, concurrency: int) -> dict[str, 
 
 async def scenario_jobs(target: Target, count: int, concurrency: int, warm_up: int) -> Report:
     """(b) after a warm-up round: `count` short jobs; nothing of theirs may stay."""
-    await jobs_round(target, warm_up, concurrency)
-    baseline = await quiesce(target.probe)
-    result = await jobs_round(target, count, concurrency)
-    after, settle_s = await settle(target.probe, baseline)
-    problems = result.pop("problems") + leaks(baseline, after)
-    seconds = result.pop("seconds")
-    return Report("jobs", count, seconds, baseline.brief(), after.brief(), settle_s, result, problems)
+    return await measured("jobs", target, count, warm_up, lambda n: jobs_round(target, n, concurrency))
 
 
 # --- (c) a flood with a silent subscriber -------------------------------------------------
