@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import attrs
 from aiohttp import web
 
+from . import logs
 from .app import create_app, server_options
 from .config import Config, ConfigError
 
@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--config", help="TOML file (default: $STREAMSVC_CONFIG, else the embedded demo)")
     server.add_argument("--host")
     server.add_argument("--port", type=int)
-    server.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    server.add_argument("--log-level", default="INFO", choices=logs.LEVELS, type=str.upper)
+    server.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines or JSON lines")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     try:
         config = load_config(args.config, args.host, args.port)
     except (ConfigError, ValueError) as exc:

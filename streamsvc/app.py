@@ -15,6 +15,7 @@ from .pool import WorkerPool
 from .projects import Projects
 from .registry import SessionRegistry
 from .store import JobStore
+from .webui import routes as page_routes
 
 SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID to resume"
 
@@ -40,6 +41,7 @@ def create_app(config: Config) -> web.Application:
     app[POOL] = WorkerPool(config, store, projects)
     app[REGISTRY] = SessionRegistry()
     app.add_routes(routes)
+    app.add_routes(page_routes)
     app.cleanup_ctx.append(_pool_lifetime)
     app.on_shutdown.append(_close_streams)
     return app

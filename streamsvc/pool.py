@@ -92,7 +92,13 @@ class WorkerPool:
             raise
         self._pending[job.job_id] = job
         self._work.set()
-        log.info("job %s queued: tool=%s project=%s", job.job_id, tool_id, project_id)
+        log.info(
+            "job %s queued: tool=%s project=%s",
+            job.job_id,
+            tool_id,
+            project_id,
+            extra={"jobId": job.job_id, "status": "queued", "toolId": tool_id, "projectId": project_id},
+        )
         return job
 
     def cancel(self, job_id: str) -> Job:
@@ -179,7 +185,7 @@ class WorkerPool:
 
         job.transition(JobStatus.RUNNING)
         self.store.save(job)
-        log.info("job %s running", job.job_id)
+        log.info("job %s running", job.job_id, extra={"jobId": job.job_id, "status": "running"})
         try:
             joblog.append("status", {"status": "running", "timestamp": now_ms()})
         except (OSError, RuntimeError) as exc:
@@ -216,8 +222,16 @@ class WorkerPool:
         self.finished_counts[job.status] += 1
         self.quotas.release(job.client)
         self.store.finish(job, output)
+        fields = {"jobId": job.job_id, "status": job.status.value, "exitCode": job.exit_code, "signal": job.signal}
         log.info(
-            "job %s %s: exit=%s signal=%s error=%s", job.job_id, job.status.value, job.exit_code, job.signal, job.error
+            "job %s %s: exit=%s signal=%s duration=%sms error=%s",
+            job.job_id,
+            job.status.value,
+            job.exit_code,
+            job.signal,
+            job.duration_ms,
+            job.error,
+            extra=fields | {"durationMs": job.duration_ms, "error": job.error},
         )
 
     def _retry_after_s(self) -> int:
