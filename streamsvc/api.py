@@ -21,6 +21,8 @@ from .errors import (
     UnknownJob,
     UnsupportedMediaType,
 )
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects
@@ -34,6 +36,7 @@ POOL = web.AppKey("pool", WorkerPool)
 STORE = web.AppKey("store", JobStore)
 PROJECTS = web.AppKey("projects", Projects)
 REGISTRY = web.AppKey("registry", SessionRegistry)
+METRICS = web.AppKey("metrics", Metrics)
 
 MAX_ID_CHARS = 200
 MAX_LIST_LIMIT = 1000
@@ -219,6 +222,12 @@ async def openapi(request: web.Request) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     return ok({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; open like /healthz (scrapers sit beside the service)."""
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def _last_event_id(request: web.Request) -> int:

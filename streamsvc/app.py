@@ -8,9 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import CONFIG, MAX_JSON_BYTES, POOL, PROJECTS, REGISTRY, STORE, bearer_auth, error_envelope, routes
+from .api import CONFIG, MAX_JSON_BYTES, METRICS, POOL, PROJECTS, REGISTRY, STORE, bearer_auth, error_envelope, routes
 from .config import Config
 from .logs import AccessLogger
+from .metrics import Metrics
 from .pool import WorkerPool
 from .projects import Projects
 from .registry import SessionRegistry
@@ -38,8 +39,11 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[STORE] = store
     app[PROJECTS] = projects
-    app[POOL] = WorkerPool(config, store, projects)
+    metrics = Metrics()
+    app[METRICS] = metrics
+    app[POOL] = WorkerPool(config, store, projects, metrics)
     app[REGISTRY] = SessionRegistry()
+    metrics.watch(app[POOL], app[REGISTRY])
     app.add_routes(routes)
     app.add_routes(page_routes)
     app.cleanup_ctx.append(_pool_lifetime)

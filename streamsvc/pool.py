@@ -13,6 +13,7 @@ from typing import Any
 from .clients import ClientQuotas
 from .config import Config, ToolConfig
 from .errors import JobFinished, QueueFull, ShuttingDown, UnknownTool
+from .metrics import Metrics
 from .models import Job, JobStatus
 from .projects import Projects
 from .runner import REAP_BOUND_S, Outcome, Run, RunSpec, Sink
@@ -28,8 +29,9 @@ RECENT_DURATIONS = 50
 class WorkerPool:
     """Owns every job from acceptance to its end: the queue, the workers, the runs."""
 
-    def __init__(self, config: Config, store: JobStore, projects: Projects) -> None:
+    def __init__(self, config: Config, store: JobStore, projects: Projects, metrics: Metrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.projects = projects
         self.sandbox = Sandbox({}, None)
@@ -92,6 +94,7 @@ class WorkerPool:
             raise
         self._pending[job.job_id] = job
         self._work.set()
+        self.metrics.submitted()
         log.info(
             "job %s queued: tool=%s project=%s",
             job.job_id,
@@ -185,6 +188,7 @@ class WorkerPool:
 
         job.transition(JobStatus.RUNNING)
         self.store.save(job)
+        self.metrics.started(job)
         log.info("job %s running", job.job_id, extra={"jobId": job.job_id, "status": "running"})
         try:
             joblog.append("status", {"status": "running", "timestamp": now_ms()})
@@ -220,6 +224,7 @@ class WorkerPool:
         if job.duration_ms is not None and outcome.status is not JobStatus.LOST:
             self._durations_ms.append(job.duration_ms)
         self.finished_counts[job.status] += 1
+        self.metrics.finished(job)
         self.quotas.release(job.client)
         self.store.finish(job, output)
         fields = {"jobId": job.job_id, "status": job.status.value, "exitCode": job.exit_code, "signal": job.signal}

@@ -25,6 +25,8 @@ class Session:
         self.response = response
         self.log = joblog
         self.cursor = cursor
+        self.events_sent = 0
+        self.bytes_sent = 0
         self._closing: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     def close(self, message: str) -> None:
@@ -39,8 +41,11 @@ class Session:
             await self._write(f"retry: {retry_ms}\n\n".encode(), stall_s)
             while not gone.done() and not self._closing.done():
                 if self.cursor < self.log.last_seq:
-                    blob, self.cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
+                    blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
                     await self._write(blob, stall_s)
+                    self.events_sent += cursor - self.cursor
+                    self.bytes_sent += len(blob)
+                    self.cursor = cursor
                 elif self.log.finished:
                     return
                 else:
@@ -72,6 +77,8 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, set[Session]] = {}
+        self._closed_events = 0
+        self._closed_bytes = 0
 
     @contextlib.contextmanager
     def open(self, session: Session) -> Iterator[Session]:
@@ -81,6 +88,8 @@ class SessionRegistry:
         finally:
             sessions = self._sessions[session.job_id]
             sessions.discard(session)
+            self._closed_events += session.events_sent
+            self._closed_bytes += session.bytes_sent
             if not sessions:
                 del self._sessions[session.job_id]
 
@@ -88,6 +97,12 @@ class SessionRegistry:
         if job_id is not None:
             return len(self._sessions.get(job_id, ()))
         return sum(len(sessions) for sessions in self._sessions.values())
+
+    def sent(self) -> tuple[int, int]:
+        """Events and bytes written to subscribers so far, closed sessions included."""
+        live = [session for sessions in self._sessions.values() for session in sessions]
+        events = self._closed_events + sum(session.events_sent for session in live)
+        return events, self._closed_bytes + sum(session.bytes_sent for session in live)
 
     def close_all(self, message: str) -> None:
         for sessions in self._sessions.values():
