@@ -1,16 +1,18 @@
-"""`python -m streamsvc server [--config FILE] [--host H] [--port P]`."""
+"""`python -m streamsvc server [--config FILE] [--host H] [--port P]` serves; the other commands
+(`run`, `watch`, `jobs`, `tools`, `projects`, `upload`, `cancel`) are clients of a service (cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 from aiohttp import web
 
-from . import logs
+from . import cli, logs
 from .app import create_app, server_options
 from .config import Config, ConfigError
 
@@ -27,6 +29,12 @@ def load_config(path: str | None, host: str | None, port: int | None) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.main
+    return command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m streamsvc", description="Run tools on code, stream their output.")
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser("server", help="run the service")
@@ -35,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--port", type=int)
     server.add_argument("--log-level", default="INFO", choices=logs.LEVELS, type=str.upper)
     server.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines or JSON lines")
-    args = parser.parse_args(argv)
+    server.set_defaults(main=serve)
+    cli.add_commands(commands)
+    return parser
 
+
+def serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_level, args.log_format)
     try:
         config = load_config(args.config, args.host, args.port)
