@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test lint smoke clean
+.PHONY: run test lint smoke bench clean
 
 # The venv is made, and the package installed with its test and lint extras, when missing.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -19,6 +19,9 @@ test: $(VENV)/.installed  ## the whole test suite
 
 smoke: $(VENV)/.installed  ## a real service on a free port: every demo tool end to end, then SIGTERM
 	$(PY) scripts/smoke.py
+
+bench: $(VENV)/.installed  ## scripts/bench.py: streamsvc against the Node seed and the ceilings (ARGS=--quick ...)
+	$(PY) scripts/bench.py $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check streamsvc tests scripts
