@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,35 +104,30 @@ class Run:
             await asyncio.to_thread(shutil.rmtree, home, ignore_errors=True)
 
     async def _spawn_and_follow(self, jail: Jail, home: Path) -> Outcome:
-        loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await loop.subprocess_exec(
-                _ExitAwareProtocol,
-                *self.spec.argv,
-                cwd=self.spec.cwd,
-                env=self.spec.env | {"HOME": str(home)},
+            child = jail.start(
+                self.spec.argv,
+                self.spec.cwd,
+                self.spec.env | {"HOME": str(home)},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=jail.preexec,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             return Outcome(JobStatus.FAILED, error=f"cannot start {self.spec.argv[0]!r}: {reason}")
-        assert protocol.stdout is not None and protocol.stderr is not None
-        pumps = [
-            asyncio.create_task(self._pump(protocol.stdout, "stdout")),
-            asyncio.create_task(self._pump(protocol.stderr, "stderr")),
-        ]
-        pid = transport.get_pid()
-        try:
-            await self._supervise(pid, protocol.exited)
-            self._exited = True
-        finally:
-            await self._drain(pid, jail, pumps)
-            transport.close()
-        return self._outcome(transport.get_returncode(), jail)
+        async with _exit_of(child) as exited, _Pipes(child) as (stdout, stderr):
+            pumps = [
+                asyncio.create_task(self._pump(stdout, "stdout")),
+                asyncio.create_task(self._pump(stderr, "stderr")),
+            ]
+            try:
+                await self._supervise(child.pid, exited)
+                self._exited = True
+            finally:
+                await self._drain(child.pid, jail, pumps)
+        return self._outcome(child.returncode, jail)
 
     async def _supervise(self, pid: int, exited: asyncio.Future[None]) -> None:
         """Wait for the exit, a stop or the timeout; on the last two, TERM then KILL the group."""
@@ -217,19 +213,69 @@ class Run:
                 self.stop(JobStatus.FAILED, f"cannot write the job log: {exc.strerror}")
 
 
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """Knows the moment the process exits, even while a descendant still holds its pipes
-    (Python 3.11's `Process.wait()` also waits for the pipes to close)."""
+class _Pipes:
+    """A child's stdout and stderr as stream readers on the loop; closed on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, child: subprocess.Popen[bytes]) -> None:
+        self.child = child
+        self.transports: list[asyncio.BaseTransport] = []
+
+    async def __aenter__(self) -> tuple[asyncio.StreamReader, asyncio.StreamReader]:
         loop = asyncio.get_running_loop()
-        super().__init__(limit=READ_CHUNK_BYTES, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
+        readers = []
+        for pipe in (self.child.stdout, self.child.stderr):
+            assert pipe is not None
+            reader = asyncio.StreamReader(limit=READ_CHUNK_BYTES)
+            try:
+                transport, _ = await loop.connect_read_pipe(
+                    functools.partial(asyncio.StreamReaderProtocol, reader), pipe
+                )
+            except BaseException:
+                pipe.close()
+                await self.__aexit__()
+                raise
+            self.transports.append(transport)
+            readers.append(reader)
+        return readers[0], readers[1]
 
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
+    async def __aexit__(self, *_: object) -> None:
+        for transport in self.transports:
+            transport.close()
+        for pipe in (self.child.stdout, self.child.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.asynccontextmanager
+async def _exit_of(child: subprocess.Popen[bytes]) -> AsyncIterator[asyncio.Future[None]]:
+    """A future that resolves when `child` exits, even while a descendant still holds its
+    pipes; the child is reaped on the way out (killed first if it still runs)."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except OSError:  # no pidfd (Linux < 5.3): a thread waits instead
+        waiter = asyncio.ensure_future(asyncio.to_thread(child.wait))
+        waiter.add_done_callback(lambda _: _resolve(exited))
+        pidfd = -1
+    else:
+        loop.add_reader(pidfd, _resolve, exited)
+    try:
+        yield exited
+    finally:
+        if pidfd >= 0:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        if exited.done():
+            child.wait()  # it has exited: this only reaps it
+        else:  # left early (cancelled): make sure it ends, then reap it off the loop
+            _signal_group(child.pid, signal.SIGKILL)
+            await asyncio.to_thread(child.wait, REAP_BOUND_S)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _pieces(raw: bytes, max_line: int) -> list[bytes]:

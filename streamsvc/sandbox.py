@@ -10,16 +10,24 @@ limit for the whole tree).
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
 import os
 import pwd
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from attrs import define
 
@@ -39,6 +47,8 @@ class Sandbox:
     cgroup_parents: dict[str, Path]
     #: (uid, gid) tools run as, or None to keep the service's user
     user: tuple[int, int] | None
+    #: the exec shim that sets a tool's rlimits (built from confine.c), or None
+    shim: Path | None = None
     #: the watchdog that empties the groups if the service dies, and our end of its pipe
     _reaper: subprocess.Popen[bytes] | None = None
     _lifeline: int | None = None
@@ -56,7 +66,7 @@ class Sandbox:
                 parents[controller] = parent
         if os.geteuid() == 0 and "pids" not in parents and user is None:
             log.warning("running as root without a pids cgroup: max_processes cannot bind")
-        sandbox = cls(parents, user)
+        sandbox = cls(parents, user, _build_shim() if "pids" in parents else None)
         if parents:
             sandbox._start_reaper()
         return sandbox
@@ -87,7 +97,7 @@ class Sandbox:
                 _remove_group(group)
                 continue
             groups[controller] = group
-        return Jail(groups, limits, self.user)
+        return Jail(groups, limits, self.user, self.shim)
 
     def close(self) -> None:
         for parent in self.cgroup_parents.values():
@@ -102,25 +112,68 @@ class Sandbox:
 
 
 class Jail:
-    """One job's confinement: applied in the child before exec, emptied when the job ends."""
+    """One job's confinement: its process started inside it, emptied when the job ends."""
 
-    def __init__(self, groups: dict[str, Path], limits: Limits, user: tuple[int, int] | None) -> None:
+    def __init__(
+        self, groups: dict[str, Path], limits: Limits, user: tuple[int, int] | None, shim: Path | None
+    ) -> None:
         self.groups = groups
         self.limits = limits
         self.user = user
+        self.shim = shim
 
-    def preexec(self) -> None:
+    def start(self, argv: Sequence[str], cwd: Path, env: dict[str, str], **options: Any) -> subprocess.Popen[bytes]:
+        """`subprocess.Popen(argv, ...)`, confined. With a pids group and the exec shim, the
+        child is spawned by vfork (no copy of the service: ~10x the spawn rate of a fork
+        that runs Python in the child): the calling thread joins the job's groups for the
+        moment of the spawn, so the child is born inside them, and the shim sets the
+        rlimits before it becomes the tool. Otherwise a forked child confines itself."""
+        if "pids" not in self.groups or self.shim is None:
+            confine = self._confine_self
+            return subprocess.Popen(argv, cwd=cwd, env=env, preexec_fn=confine, **options)  # noqa: PLW1509
+        program = _find_program(argv[0], cwd, env.get("PATH", ""))
+        limits = [f"{which}:{_rlim(soft)}:{_rlim(hard)}" for which, (soft, hard) in self._rlimits()]
+        if self.user is not None:
+            options |= {"user": self.user[0], "group": self.user[1], "extra_groups": []}
+        pids = self.groups["pids"]
+        (pids / "pids.max").write_text(str(self.limits.max_processes + 1))  # this thread counts while inside
+        with self._thread_inside():
+            child = subprocess.Popen([str(self.shim), *limits, "--", program, *argv], cwd=cwd, env=env, **options)
+        (pids / "pids.max").write_text(str(self.limits.max_processes))
+        return child
+
+    @contextlib.contextmanager
+    def _thread_inside(self) -> Iterator[None]:
+        """Move this thread (cgroup v1 moves threads one by one) into the job's groups, and back."""
+        tid = str(threading.get_native_id())
+        homes = [group.parent.parent / "tasks" for group in self.groups.values()]
+        try:
+            for group in self.groups.values():
+                (group / "tasks").write_text(tid)
+            yield
+        finally:
+            for home in homes:
+                home.write_text(tid)
+
+    def _rlimits(self) -> list[tuple[int, tuple[int, int]]]:
+        limits = self.limits
+        wanted = [
+            (resource.RLIMIT_CPU, limits.max_cpu_s),
+            (resource.RLIMIT_FSIZE, limits.max_file_bytes),
+            (resource.RLIMIT_NPROC, limits.max_processes),
+            (resource.RLIMIT_CORE, 0),
+        ]
+        if "memory" not in self.groups:
+            wanted.append((resource.RLIMIT_AS, limits.max_memory_bytes))
+        return [(which, _bounded(which, value)) for which, value in wanted]
+
+    def _confine_self(self) -> None:
         """Runs in the forked child, before exec: join the groups, set limits, drop root."""
         for group in self.groups.values():
             with open(group / "cgroup.procs", "w") as procs:
                 procs.write(str(os.getpid()))
-        limits = self.limits
-        _limit(resource.RLIMIT_CPU, limits.max_cpu_s)
-        _limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
-        _limit(resource.RLIMIT_NPROC, limits.max_processes)
-        _limit(resource.RLIMIT_CORE, 0)
-        if "memory" not in self.groups:
-            _limit(resource.RLIMIT_AS, limits.max_memory_bytes)
+        for which, value in self._rlimits():
+            resource.setrlimit(which, value)
         if self.user is not None:
             uid, gid = self.user
             os.setgroups([])
@@ -145,14 +198,72 @@ class Jail:
             _remove_group(group)
 
 
-def _limit(which: int, value: int) -> None:
+def _bounded(which: int, value: int) -> tuple[int, int]:
+    """(soft, hard) for `value`, within the service's own hard limit."""
     _, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
     if which == resource.RLIMIT_CPU:  # SIGXCPU at the soft limit, SIGKILL a second later
-        resource.setrlimit(which, (value, value + 1 if hard == resource.RLIM_INFINITY else hard))
+        return value, value + 1 if hard == resource.RLIM_INFINITY else hard
+    return value, value
+
+
+def _rlim(value: int) -> int:
+    return value if value >= 0 else 2**64 - 1  # RLIM_INFINITY as the kernel spells it
+
+
+def _find_program(name: str, cwd: Path, path: str) -> str:
+    """The file `name` runs, found as execvp would (PATH, or relative to the tool's folder)."""
+    if "/" in name:
+        program = str(cwd / name)
+        if not os.path.isfile(program):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
     else:
-        resource.setrlimit(which, (value, value))
+        found = shutil.which(name, path=path)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+        program = found
+    if not os.access(program, os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+    return program
+
+
+def _build_shim() -> Path | None:
+    """The exec shim, compiled once per source into the user's cache (0700); None when no
+    C compiler is at hand (tools then confine themselves in a forked child: slower)."""
+    source = resources.files("streamsvc").joinpath("confine.c").read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamsvc"
+    target = cache / f"confine-{hashlib.sha256(source).hexdigest()[:16]}"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = cache.stat()
+        if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            log.warning("not using %s for the exec shim: writable by others", cache)
+            return None
+        if target.is_file():
+            return target
+        if compiler is None:
+            log.warning("no C compiler: tools are confined by a fork of the service (slower spawns)")
+            return None
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            (Path(tmp) / "confine.c").write_bytes(source)
+            for flags in (["-static"], []):
+                built = subprocess.run(
+                    [compiler, "-O2", *flags, "-o", "confine", "confine.c"],
+                    cwd=tmp,
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+                if built.returncode == 0:
+                    os.replace(Path(tmp) / "confine", target)
+                    return target
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot build the exec shim: %s", exc)
+        return None
+    log.warning("cannot build the exec shim: %s", built.stderr.decode(errors="replace")[-500:])
+    return None
 
 
 def _own_path(controller: str) -> str:
