@@ -25,9 +25,10 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .models import JobStatus
 from .pool import WorkerPool
-from .projects import Projects
+from .projects import Projects, UploadedProjects
 from .registry import Session, SessionRegistry, make_response
 from .store import JobStore
+from .uploads import spool
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ CONFIG = web.AppKey("config", Config)
 POOL = web.AppKey("pool", WorkerPool)
 STORE = web.AppKey("store", JobStore)
 PROJECTS = web.AppKey("projects", Projects)
+UPLOADS = web.AppKey("uploads", UploadedProjects)
 REGISTRY = web.AppKey("registry", SessionRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -210,7 +212,20 @@ async def tools(request: web.Request) -> web.Response:
 
 @routes.get("/api/projects")
 async def projects(request: web.Request) -> web.Response:
-    return ok([{"projectId": pid, "uploaded": False} for pid in request.app[PROJECTS].ids()])
+    return ok(request.app[PROJECTS].listing())
+
+
+@routes.post("/api/projects")
+async def upload_project(request: web.Request) -> web.Response:
+    """A zip, streamed to disk (never whole in memory, so `client_max_size` does not apply), then unpacked."""
+    max_bytes = request.app[CONFIG].uploads.max_total_bytes
+    upload = await request.app[UPLOADS].receive(lambda path: spool(request, path, max_bytes))
+    return ok(upload.summary(), status=201)
+
+
+@routes.delete("/api/projects/{projectId:[^/]+}")
+async def delete_project(request: web.Request) -> web.Response:
+    return ok(await request.app[PROJECTS].delete(request.match_info["projectId"]))
 
 
 @routes.get("/api/openapi.json")

@@ -104,3 +104,75 @@ class ShuttingDown(StreamsvcError):
 class StorageError(StreamsvcError):
     status = 503
     code = "storage_unavailable"
+
+
+class ProjectBusy(Conflict):
+    code = "project_busy"
+
+    def __init__(self, project_id: str) -> None:
+        super().__init__(f"project {project_id!r} has a queued or running job; cancel it or wait until it ends")
+
+
+class ProjectConfigured(Conflict):
+    code = "project_configured"
+
+    def __init__(self, project_id: str) -> None:
+        super().__init__(f"project {project_id!r} is configured (a folder under projects.root), not uploaded")
+
+
+class TooManyUploads(UserError):
+    status = 429
+    code = "too_many_uploads"
+
+    def __init__(self, active: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"{active} uploads are being unpacked; retry in {retry_after_s} s",
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class ArchiveRefused(UserError):
+    """An uploaded archive that is not unpacked: bad or unsafe (400), or over a limit (413)."""
+
+    code = "bad_archive"
+
+
+class BadArchive(ArchiveRefused):
+    """Not a zip, damaged, empty, encrypted, or packed in a way the service does not unpack."""
+
+
+class UnsafePath(ArchiveRefused):
+    code = "unsafe_path"
+
+
+class SymlinkEntry(ArchiveRefused):
+    code = "symlink_entry"
+
+
+class SpecialEntry(ArchiveRefused):
+    code = "special_entry"
+
+
+class DuplicateEntry(ArchiveRefused):
+    code = "duplicate_entry"
+
+
+class OverLimit(ArchiveRefused):
+    status = 413
+    code = "archive_too_large"
+
+
+class ArchiveTooLarge(OverLimit):
+    pass
+
+
+class TooManyEntries(OverLimit):
+    code = "too_many_entries"
+
+
+class EntryTooLarge(OverLimit):
+    code = "entry_too_large"
+
+
+class RatioTooHigh(OverLimit):
+    code = "ratio_too_high"
