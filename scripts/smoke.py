@@ -1,29 +1,54 @@
-"""Smoke test of a real service: start `python -m streamsvc server` (embedded default) on a
-free loopback port, run every demo tool over HTTP, follow each over SSE, stop with SIGTERM.
+"""Smoke test of a real service through the command line: start `python -m streamsvc server`
+(embedded default) on a free loopback port, run every demo tool with `python -m streamsvc run`,
+check each one's exit status, stdout and stderr, check `jobs --json` lists them with the right
+statuses, then stop the service with SIGTERM (it must exit 0).
 
-    python scripts/smoke.py        # exits 0 when every check holds, 1 otherwise
+    python scripts/smoke.py        # prints "smoke: ok" and exits 0 when every check holds, else 1
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import sys
 import tempfile
-from typing import Any
+from typing import NamedTuple
 
-import aiohttp
+from streamsvc.client import Client
+from streamsvc.config import DEMO_DIR
 
-#: what each demo tool must end as: (status, exit code)
-EXPECTED = {
-    "progress": ("completed", 0),
-    "warnings": ("completed", 0),
-    "fail": ("failed", 3),
-    "line-count": ("completed", 0),
-}
-BOUND_S = 60
+#: a bound on the whole run, and on the service's start and stop
+BOUND_S = 60.0
+
+
+class Expected(NamedTuple):
+    status: str
+    exit_code: int
+    stdout: list[str]
+    stderr: list[str]
+
+
+def expected() -> dict[str, Expected]:
+    """What each demo tool prints and how it ends (see streamsvc/demo/projects/hello/)."""
+    bar = [f"\x1b[36m[{'#' * i}{'.' * (20 - i)}]\x1b[0m step {i}/20" for i in range(1, 21)]
+    files = ("README.md", "progress.py", "warnings.py", "fail.py")
+    readme_lines = (DEMO_DIR / "projects" / "hello" / "README.md").read_bytes().count(b"\n")
+    return {
+        "progress": Expected("completed", 0, [*bar, "\x1b[32mbuild finished\x1b[0m"], []),
+        "warnings": Expected(
+            "completed",
+            0,
+            [*(f"checked {name}" for name in files), "4 files checked, 0 errors, 4 warnings"],
+            [f"warning: {name}: line 1: consider a docstring" for name in files],
+        ),
+        "fail": Expected(
+            "failed", 3, ["verifying hello ..."], ["error: assertion 'answer == 42' does not hold (answer = 41)"]
+        ),
+        "line-count": Expected("completed", 0, [f"{readme_lines} README.md"], []),
+    }
 
 
 def free_port() -> int:
@@ -33,61 +58,109 @@ def free_port() -> int:
         return port
 
 
-async def follow(session: aiohttp.ClientSession, base: str, tool: str) -> tuple[dict[str, Any], list[int]]:
-    """Run `tool` on the demo project; return its `complete` data and the event ids seen."""
-    async with session.post(f"{base}/api/execute", json={"toolId": tool, "projectId": "hello"}) as response:
-        assert response.status == 202, await response.text()
-        job = (await response.json())["data"]
-    ids: list[int] = []
-    event = ""
-    async with session.get(base + job["streamUrl"]) as response:
-        async for raw in response.content:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("id: "):
-                ids.append(int(line[4:]))
-            elif line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: ") and event == "complete":
-                data: dict[str, Any] = json.loads(line[6:])
-                return data, ids
-    raise AssertionError(f"{tool}: the stream ended without a complete event")
+async def cli(*args: str) -> tuple[int, str, str]:
+    """`python -m streamsvc ARGS` to its end: exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamsvc", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # cancelled by the bound
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
 
 
-async def check(base: str) -> list[str]:
-    problems = []
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND_S)) as session:
-        results = await asyncio.gather(*(follow(session, base, tool) for tool in EXPECTED))
-    for (tool, expected), (result, ids) in zip(EXPECTED.items(), results, strict=True):
-        got = (result["status"], result["exitCode"])
-        verdict = "ok" if got == expected and ids == list(range(1, len(ids) + 1)) else "WRONG"
-        print(f"{verdict:5} {tool:10} {got[0]:9} exit={got[1]} events={len(ids)} lines={len(result['output'])}")
-        if verdict != "ok":
-            problems.append(f"{tool}: expected {expected}, got {got}, ids {ids}")
+async def run_tool(url: str, tool: str, want: Expected) -> tuple[str, list[str]]:
+    """Run `tool` through the CLI and check what it printed; its job id and the problems found."""
+    code, out, err = await cli("run", tool, "hello", "--url", url)
+    first, *stderr = err.splitlines() or [""]
+    queued = re.fullmatch(r"streamsvc: job (\S+) queued", first)
+    stdout = out.splitlines()
+    if tool == "line-count":
+        stdout = [" ".join(line.split()) for line in stdout]  # wc pads its count on some systems
+    problems = [
+        f"{tool}: {what} is {got!r}, expected {wanted!r}"
+        for what, got, wanted in (
+            ("the exit status", code, want.exit_code),
+            ("stdout", stdout, want.stdout),
+            ("stderr", stderr, want.stderr),
+        )
+        if got != wanted
+    ]
+    if not queued:
+        problems.append(f"{tool}: the first line on stderr is {first!r}, not 'streamsvc: job <id> queued'")
+    verdict = "WRONG" if problems else "ok"
+    print(f"{verdict:5} {tool:10} exit={code} stdout={len(stdout)} stderr={len(stderr)}", flush=True)
+    return (queued[1] if queued else ""), problems
+
+
+async def check(url: str) -> list[str]:
+    wanted = expected()
+    async with Client(url) as client:
+        tools = sorted(tool["id"] for tool in await client.tools())
+    if tools != sorted(wanted):
+        return [f"the service offers the tools {tools}, expected {sorted(wanted)}"]
+    runs = await asyncio.gather(*(run_tool(url, tool, want) for tool, want in wanted.items()))
+    problems = [problem for _, found in runs for problem in found]
+    code, out, err = await cli("jobs", "--json", "--url", url)
+    if code != 0:
+        return [*problems, f"jobs --json exited with {code}: {err.strip()}"]
+    listed = {job["jobId"]: job for job in json.loads(out)}
+    for (tool, want), (job_id, _) in zip(wanted.items(), runs, strict=True):
+        got = (listed[job_id]["toolId"], listed[job_id]["status"]) if job_id in listed else ("no", "such job")
+        if got != (tool, want.status):
+            problems.append(f"jobs --json: job {job_id or '?'} is {' '.join(got)}, expected {tool} {want.status}")
     return problems
 
 
 async def main() -> int:
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as workdir:
         server = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "streamsvc", "server", "--port", str(port), "--log-level", "WARNING",
-            cwd=workdir, stdout=asyncio.subprocess.PIPE,
+            cwd=workdir, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         try:
-            assert server.stdout is not None
-            banner = await asyncio.wait_for(server.stdout.readline(), BOUND_S)
-            print(banner.decode().strip())
-            problems = await check(base)
+            async with asyncio.timeout(BOUND_S):
+                problems = await serve_and_check(server, url)
+        except TimeoutError:
+            problems = [f"the checks did not finish within {BOUND_S:g} s"]
         finally:
-            server.send_signal(signal.SIGTERM)
-            status = await asyncio.wait_for(server.wait(), BOUND_S)
-        if status != 0:
-            problems.append(f"the service exited with {status} on SIGTERM")
+            stopped = await stop(server)
+        if stopped:
+            problems.append(stopped)
     for problem in problems:
         print("FAIL:", problem, file=sys.stderr)
     print("smoke: ok" if not problems else f"smoke: {len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+async def serve_and_check(server: asyncio.subprocess.Process, url: str) -> list[str]:
+    assert server.stdout is not None
+    banner = (await server.stdout.readline()).decode().strip()
+    if f"serving on {url}" not in banner:
+        return [f"the service did not start (exit status {await server.wait()}); it said {banner!r}"]
+    print(banner, flush=True)
+    return await check(url)
+
+
+async def stop(server: asyncio.subprocess.Process) -> str | None:
+    """SIGTERM, a bounded wait, then SIGKILL; what went wrong, if anything."""
+    if server.returncode is not None:
+        return f"the service had exited (status {server.returncode}) before it was stopped"
+    server.send_signal(signal.SIGTERM)
+    try:
+        status = await asyncio.wait_for(server.wait(), BOUND_S)
+    except TimeoutError:
+        server.kill()
+        await server.wait()
+        return f"the service did not exit within {BOUND_S:g} s of SIGTERM"
+    return None if status == 0 else f"the service exited with {status} on SIGTERM, expected 0"
 
 
 if __name__ == "__main__":
