@@ -567,17 +567,7 @@
   }
 
   function onError(event) {
-    if (event instanceof MessageEvent) {
-      // the service's own `error` event (it stops, or cannot read the log): this stream ends here
-      const data = dataOf(event);
-      endStream();
-      flush(state.view, Infinity);
-      $("job-error").textContent = data?.message || "The stream ended with an error.";
-      $("job-error").hidden = false;
-      setConn("lost");
-      $("resume").hidden = false;
-      return;
-    }
+    if (event instanceof MessageEvent) return onServerError(event);
     if (state.source.readyState === EventSource.CONNECTING) {
       // the connection dropped: the browser reconnects by itself and sends Last-Event-ID
       setConn("reconnecting");
@@ -586,6 +576,35 @@
     endStream(); // the service refused the stream: find out why
     setConn("lost");
     diagnose(state.jobId);
+  }
+
+  /** The service's own `error` event ends this stream. With a new id it is the job's last event
+   * (the job ended in error, e.g. it was lost); without one, the service is stopping and the job
+   * may go on: Reconnect resumes after the last event shown. */
+  function onServerError(event) {
+    const jobOver = isNew(event);
+    const message = dataOf(event)?.message || "The stream ended with an error.";
+    endStream();
+    flush(state.view, Infinity);
+    $("job-error").textContent = message;
+    $("job-error").hidden = false;
+    if (jobOver) {
+      setConn("idle");
+      refreshRecord(state.jobId);
+      refreshJobs();
+    } else {
+      setConn("lost");
+      $("resume").hidden = false;
+    }
+  }
+
+  async function refreshRecord(jobId) {
+    try {
+      const job = await api(jobApi(jobId));
+      if (state.jobId === jobId) updateJob(job);
+    } catch {
+      // the stream said what matters; the record's details are a bonus
+    }
   }
 
   async function diagnose(jobId) {
@@ -707,9 +726,10 @@
     $("upload").disabled = true;
     try {
       const data = await api("/api/projects", { method: "POST", body: form });
-      status.textContent = `Uploaded as “${data.projectId}”: ${data.fileCount} files, ${formatBytes(data.bytes)}.`;
+      await loadProjects(data.projectId); // the new project is listed and picked before we say so
       $("upload-form").reset();
-      await loadProjects(data.projectId);
+      const files = data.fileCount === 1 ? "1 file" : `${data.fileCount} files`;
+      status.textContent = `Uploaded as “${data.projectId}”: ${files}, ${formatBytes(data.bytes)}.`;
     } catch (err) {
       const unsupported = err.status === 404 || err.status === 405;
       status.textContent = unsupported ? "This service does not take uploads." : `Upload refused: ${err.message}`;
