@@ -40,21 +40,18 @@ import contextlib
 import json
 import math
 import os
-import platform
 import resource
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bench_ceilings as ceilings
 from bench_client import (
     ClientProcesses,
     JobsWork,
@@ -64,7 +61,20 @@ from bench_client import (
     percentile,
     spread,
 )
-from bench_targets import PROJECT, Gate, Target, Tools, node_seed, scratch_folder, serve, tool_argv, tool_command
+from bench_report import Result, machine, ms, tables
+from bench_targets import (
+    PROJECT,
+    Gate,
+    Target,
+    Tools,
+    describe_source,
+    node_seed,
+    py_spy,
+    scratch_folder,
+    serve,
+    tool_argv,
+    tool_command,
+)
 
 #: streams per client process before another process is added
 STREAMS_PER_PROCESS = 50
@@ -116,58 +126,6 @@ QUICK = Settings(
     growth_streams=(100, 1000),
 )
 
-#: the figures of each kind of scenario that its table row shows: (key, label, higher is better)
-HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
-    "throughput": [("lines_per_s", "lines/s", True), ("mb_per_s", "MB/s", True)],
-    "latency": [("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False), ("max_ms", "max ms", False)],
-    "fanout": [("events_per_s", "events/s", True), ("p99_ms", "p99 ms", False), ("whole", "subs with all", True)],
-    "jobrate": [("jobs_per_s", "jobs/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
-    "idle": [("kib_per_stream", "KiB/stream", False)],
-}
-
-
-@dataclass
-class Result:
-    scenario: str
-    #: "streamsvc", "node" or "ceiling"
-    target: str
-    metrics: dict[str, Any]
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def kind(self) -> str:
-        """The scenario's kind: `growth-size-100` is a throughput, and so on."""
-        return {"size": "throughput", "fanout": "fanout", "memory": "idle"}.get(
-            self.scenario.split("-")[1] if self.scenario.startswith("growth-") else "", self.scenario
-        )
-
-    def fractions(self, ceiling: Result | None) -> dict[str, float]:
-        if ceiling is None:
-            return {}
-        found = {}
-        for key, _, higher in HEADLINES.get(self.kind, []):
-            ours, best = self.metrics.get(key), ceiling.metrics.get(key)
-            if isinstance(ours, int | float) and isinstance(best, int | float) and ours and best:
-                found[key] = round(ours / best if higher else best / ours, 3)
-        return found
-
-    def summary(self) -> str:
-        shown = [
-            f"{label} {_number(self.metrics[key])}"
-            for key, label, _ in HEADLINES.get(self.kind, [])
-            if self.metrics.get(key) is not None
-        ]
-        notes = "; ".join(self.problems) if self.problems else "nothing lost"
-        if self.target == "ceiling":
-            notes = str(self.metrics.get("what", ""))
-        return f"  {self.scenario:20} {self.target:9} {', '.join(shown):48} {notes}"
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
 
 @dataclass
 class Delivery:
@@ -201,9 +159,9 @@ class Delivery:
             "subscribers": len(self.streams),
             "whole": self.whole,
             "completes": sum(1 for stream in self.streams if stream.complete),
-            "p50_ms": _ms(percentile(ordered, 0.50)),
-            "p99_ms": _ms(percentile(ordered, 0.99)),
-            "max_ms": _ms(ordered[-1] if ordered else None),
+            "p50_ms": ms(percentile(ordered, 0.50)),
+            "p99_ms": ms(percentile(ordered, 0.99)),
+            "max_ms": ms(ordered[-1] if ordered else None),
             "latency_samples": len(ordered),
             "service_cpu_s": round(self.service_cpu_s, 2),
             "client_cpu_s": round(self.client_cpu_s, 2),
@@ -215,10 +173,6 @@ class Delivery:
         if missing:
             found.append(f"{missing} of {len(self.streams)} subscribers missed lines or got them out of order")
         return found
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 class Bench:
@@ -233,6 +187,7 @@ class Bench:
         self.node_dir = node_dir
         self.max_processes: int = args.client_procs
         self.profile_dir: Path | None = args.profile
+        self.source: Path | None = args.streamsvc_src
         self.targets = ["streamsvc"] + (["node"] if node_dir is not None else [])
         self.results: list[Result] = []
         self.ceilings: dict[str, Result] = {}
@@ -260,6 +215,13 @@ class Bench:
     def gate_path(self, tool: str) -> Path:
         return self.scratch / "gates" / f"{tool}.sock"
 
+    def pipe_ceiling(self, size: int | None = None, scenario: str = "throughput") -> Callable[[], Awaitable[Result]]:
+        """The pipe ceiling of the flood tool of `size`-byte lines."""
+        size = size or self.settings.line_size
+        tool = f"flood-{size}"
+        lines = self.settings.flood_lines(size)
+        return partial(ceilings.pipe_rate, self.tools()[tool], self.gate_path(tool), lines, size, scenario)
+
     def processes_for(self, streams: int) -> int:
         return max(1, min(self.max_processes, math.ceil(streams / STREAMS_PER_PROCESS)))
 
@@ -268,7 +230,7 @@ class Bench:
         """A fresh service of `kind` for one scenario (profiled when asked)."""
         self._rounds += 1
         folder = self.scratch / f"{self._rounds:03d}-{scenario}-{kind}"
-        async with serve(kind, folder, self.tools(), self.node_dir) as target:
+        async with serve(kind, folder, self.tools(), node_dir=self.node_dir, source=self.source) as target:
             if self.profile_dir is not None and kind == "streamsvc":
                 async with py_spy(target.proc.pid, self.profile_dir / f"{scenario}.txt"):
                     yield target
@@ -277,12 +239,7 @@ class Bench:
 
     def emit(self, result: Result) -> None:
         self.results.append(result)
-        line = {"scenario": result.scenario, "target": result.target, **result.metrics}
-        if result.target != "ceiling":
-            line["fraction_of_ceiling"] = result.fractions(self.ceilings.get(result.scenario))
-            line["ok"] = not result.problems
-            line["problems"] = result.problems
-        print(json.dumps(line), flush=True)
+        print(json.dumps(result.json_line(self.ceilings.get(result.scenario))), flush=True)
         print(result.summary(), flush=True)
 
     async def compare(
@@ -296,34 +253,14 @@ class Bench:
             self.ceilings[scenario] = await ceiling()
             self.emit(self.ceilings[scenario])
         for kind in self.targets:
+            load = os.getloadavg()[0]  # other work on the machine skews every figure: say how much
             try:
                 async with self.service(kind, scenario) as target:
                     result = await measure(target)
             except (RuntimeError, OSError, TimeoutError, aiohttp.ClientError) as exc:
                 result = Result(scenario, kind, {}, [f"the round failed: {exc!r}"])
+            result.metrics["loadavg_before"] = round(load, 2)
             self.emit(result)
-
-
-@contextlib.asynccontextmanager
-async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
-    """py-spy sampling `pid` (raw collapsed stacks, idle left out) while the block runs."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--nolineno", "--nonblocking", "--rate", "250"]
-    process = await asyncio.create_subprocess_exec(
-        *argv, "-o", str(output), stdout=subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    with contextlib.suppress(TimeoutError):  # it says so once it samples
-        await asyncio.wait_for(process.stderr.readline(), 10)
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(process.communicate(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
 # --- the shared measurement -------------------------------------------------------------
@@ -437,8 +374,8 @@ async def jobrate(bench: Bench, target: Target) -> Result:
         "lost": lost,
         "seconds": round(seconds, 3),
         "jobs_per_s": round(len(done) / seconds),
-        "p50_ms": _ms(percentile(done, 0.50)),
-        "p99_ms": _ms(percentile(done, 0.99)),
+        "p50_ms": ms(percentile(done, 0.50)),
+        "p99_ms": ms(percentile(done, 0.99)),
         "service_cpu_s": round(service_cpu, 2),
         "client_cpu_s": round(sum(report.cpu_s for report in reports), 2),
     }
@@ -481,124 +418,29 @@ async def idle(bench: Bench, target: Target, *, streams: int, scenario: str = "i
     return Result(scenario, target.kind, metrics, problems)
 
 
-# --- the ceilings -------------------------------------------------------------------------
-
-
-async def ceiling_pipe(bench: Bench, size: int, scenario: str = "throughput") -> Result:
-    """The flood tool through a plain pipe into a Python reader that counts lines."""
-    tool = f"flood-{size}"
-    argv = bench.tools()[tool]
-    read_end, write_end = os.pipe()
-    async with Gate(bench.gate_path(tool)) as gate:
-        try:
-            process = await asyncio.create_subprocess_exec(*argv, stdout=write_end)
-        finally:
-            os.close(write_end)
-        try:
-            reading = asyncio.create_task(asyncio.to_thread(_count_lines, read_end))
-            await gate.arrivals(1, GATE_BOUND_S)
-            started_ns = gate.release()
-            lines, ended_ns = await reading
-        finally:
-            os.close(read_end)
-            await process.wait()
-    seconds = (ended_ns - started_ns) / 1e9
-    metrics = {
-        "what": f"{tool} | Python reader",
-        "lines": lines,
-        "lines_per_s": round(lines / seconds),
-        "mb_per_s": round(lines * size / seconds / 1e6, 1),
-    }
-    return Result(scenario, "ceiling", metrics)
-
-
-def _count_lines(fd: int) -> tuple[int, int]:
-    lines = 0
-    while chunk := os.read(fd, 1 << 20):
-        lines += chunk.count(b"\n")
-    return lines, time.time_ns()
-
-
-async def ceiling_latency(bench: Bench) -> Result:
-    """The latency scenario's tools through plain pipes into one asyncio reader."""
-    s = bench.settings
-    tool = "paced-latency"
-    argv = bench.tools()[tool]
-    async with Gate(bench.gate_path(tool)) as gate:
-        processes = [
-            await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE) for _ in range(s.latency_jobs)
-        ]
-        await gate.arrivals(s.latency_jobs, GATE_BOUND_S)
-        gate.release()
-        samples = await asyncio.gather(*(_pipe_latencies(process) for process in processes))
-    ordered = sorted(ms for found in samples for ms in found)
-    metrics = {
-        "what": f"{s.latency_jobs} x {tool} | one asyncio reader",
-        "p50_ms": _ms(percentile(ordered, 0.50)),
-        "p99_ms": _ms(percentile(ordered, 0.99)),
-        "max_ms": _ms(ordered[-1] if ordered else None),
-    }
-    return Result("latency", "ceiling", metrics)
-
-
-async def _pipe_latencies(process: asyncio.subprocess.Process) -> list[float]:
-    assert process.stdout is not None
-    found: list[float] = []
-    while line := await process.stdout.readline():
-        found.append((time.time_ns() - int(line[:19])) / 1e6)
-    await process.wait()
-    return found
-
-
-async def ceiling_spawn(bench: Bench) -> Result:
-    """Spawns of `true`, `spawn_concurrency` at a time (threads running subprocess.run)."""
-    s = bench.settings
-    seconds = await asyncio.to_thread(_spawn_many, bench.tools()["true"], s.jobrate_jobs, s.spawn_concurrency)
-    metrics = {
-        "what": f"{s.jobrate_jobs} x `true`, {s.spawn_concurrency} at a time",
-        "jobs_per_s": round(s.jobrate_jobs / seconds),
-    }
-    return Result("jobrate", "ceiling", metrics)
-
-
-def _spawn_many(argv: Sequence[str], count: int, concurrency: int) -> float:
-    """Seconds to run `argv` `count` times, `concurrency` at a time."""
-    started = time.monotonic()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda _: subprocess.run(argv, check=True), range(count)))
-    return time.monotonic() - started
-
-
-async def ceiling_offered(bench: Bench, subscribers: int, scenario: str = "fanout") -> Result:
-    """Fanout's ceiling: every line to every subscriber at the job's own pace."""
-    rate = bench.settings.fanout_rate
-    metrics = {
-        "what": f"{subscribers} subscribers x {rate:g} lines/s offered",
-        "events_per_s": round(subscribers * rate),
-    }
-    return Result(scenario, "ceiling", metrics)
-
-
 # --- the plan -----------------------------------------------------------------------------
 
 
 async def run_throughput(bench: Bench) -> None:
-    size = bench.settings.line_size
-    await bench.compare("throughput", partial(throughput, bench, size=size), partial(ceiling_pipe, bench, size))
+    await bench.compare("throughput", partial(throughput, bench, size=bench.settings.line_size), bench.pipe_ceiling())
 
 
 async def run_latency(bench: Bench) -> None:
-    await bench.compare("latency", partial(latency, bench), partial(ceiling_latency, bench))
+    s = bench.settings
+    ceiling = partial(ceilings.pipe_latency, bench.tools()["paced-latency"], bench.gate_path("paced-latency"))
+    await bench.compare("latency", partial(latency, bench), partial(ceiling, s.latency_jobs))
 
 
 async def run_fanout(bench: Bench) -> None:
     s = bench.settings
     measure = partial(fanout, bench, subscribers=s.fanout_subscribers, lines=s.fanout_lines, tool="paced-fanout")
-    await bench.compare("fanout", measure, partial(ceiling_offered, bench, s.fanout_subscribers))
+    await bench.compare("fanout", measure, partial(ceilings.offered, s.fanout_subscribers, s.fanout_rate))
 
 
 async def run_jobrate(bench: Bench) -> None:
-    await bench.compare("jobrate", partial(jobrate, bench), partial(ceiling_spawn, bench))
+    s = bench.settings
+    ceiling = partial(ceilings.spawn_rate, bench.tools()["true"], s.jobrate_jobs, s.spawn_concurrency)
+    await bench.compare("jobrate", partial(jobrate, bench), ceiling)
 
 
 async def run_idle(bench: Bench) -> None:
@@ -608,8 +450,7 @@ async def run_idle(bench: Bench) -> None:
 async def run_growth_size(bench: Bench) -> None:
     for size in bench.settings.growth_sizes:
         name = f"growth-size-{size}"
-        measure = partial(throughput, bench, size=size, scenario=name)
-        await bench.compare(name, measure, partial(ceiling_pipe, bench, size, name))
+        await bench.compare(name, partial(throughput, bench, size=size, scenario=name), bench.pipe_ceiling(size, name))
 
 
 async def run_growth_fanout(bench: Bench) -> None:
@@ -619,7 +460,7 @@ async def run_growth_fanout(bench: Bench) -> None:
         measure = partial(
             fanout, bench, subscribers=count, lines=s.growth_fanout_lines, tool="paced-growth", scenario=name
         )
-        await bench.compare(name, measure, partial(ceiling_offered, bench, count, name))
+        await bench.compare(name, measure, partial(ceilings.offered, count, s.fanout_rate, name))
 
 
 async def run_growth_memory(bench: Bench) -> None:
@@ -640,43 +481,6 @@ SCENARIOS: dict[str, Callable[[Bench], Awaitable[None]]] = {
 }
 
 
-# --- the report ---------------------------------------------------------------------------
-
-
-def table(bench: Bench) -> str:
-    """Markdown: each scenario's headline figures for each target, the ceiling, the fractions."""
-    header = "| scenario | figure | streamsvc | node | ceiling | streamsvc / ceiling | node / ceiling |"
-    rows = [header, "|" + " --- |" * 7]
-    by_key = {(r.scenario, r.target): r for r in bench.results}
-    for scenario in dict.fromkeys(r.scenario for r in bench.results if r.target != "ceiling"):
-        ceiling = bench.ceilings.get(scenario)
-        ours, peer = by_key.get((scenario, "streamsvc")), by_key.get((scenario, "node"))
-        kind = (ours or peer or Result(scenario, "", {})).kind
-        for key, label, _ in HEADLINES.get(kind, []):
-            cells = [_cell(result, key) for result in (ours, peer, ceiling)]
-            fractions = [str(r.fractions(ceiling).get(key, "")) if r else "" for r in (ours, peer)]
-            rows.append(f"| {scenario} | {label} | " + " | ".join(cells + fractions) + " |")
-    return "\n".join(rows)
-
-
-def _cell(result: Result | None, key: str) -> str:
-    if result is None or result.metrics.get(key) is None:
-        return ""
-    return _number(result.metrics[key]) + (" (lost)" if result.problems and result.target != "ceiling" else "")
-
-
-def machine() -> str:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        "?",
-    )
-    return f"{os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, {platform.platform()}"
-
-
 def raise_nofile(wanted: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
@@ -692,7 +496,7 @@ async def run(args: argparse.Namespace) -> Bench:
             (None, "--no-peer: the Node seed is not measured") if args.no_peer else node_seed(args.node_dir, scratch)
         )
         tool, tool_note = tool_command(args.tool, scratch)
-        print(f"bench: {machine()}; {tool_note}; {note}", flush=True)
+        print(f"bench: {machine()}; {describe_source(args.streamsvc_src)}; {tool_note}; {note}", flush=True)
         bench = Bench(settings, scratch, tool, node_dir, args)
         for name in args.scenario or list(SCENARIOS):
             await SCENARIOS[name](bench)
@@ -716,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="the job tool's build (auto: C when cc is present)",
     )
+    parser.add_argument(
+        "--streamsvc-src",
+        type=Path,
+        help="a folder holding the streamsvc package to measure (default: the installed one)",
+    )
     parser.add_argument("--client-procs", type=int, default=4, help="client processes at most (default 4)")
     parser.add_argument(
         "--profile", type=Path, help="write a py-spy profile of streamsvc per scenario into this folder"
@@ -738,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: the run did not finish within {args.time_limit:g} s", file=sys.stderr)
         return 1
     print()
-    print(table(bench))
+    print(tables(bench.results, bench.ceilings))
     failed = [r.scenario for r in bench.results if r.target == "streamsvc" and r.problems]
     verdict = "streamsvc lost nothing" if not failed else "streamsvc FAILED in " + ", ".join(failed)
     print(f"\nbench: {verdict}; {time.monotonic() - started:.0f} s")

@@ -135,9 +135,9 @@ class LineCheck:
             result.lines += count
             result.last_line_ns = received_ns
         if count and self._sampling:
-            self._chunks += 1
-            if self._chunks % self._sampling == 0:
+            if self._chunks % self._sampling == 0:  # the 1st, the n+1-th, ...
                 self._latencies.extend(received_ns - int(stamp) for stamp in _STAMP.findall(region))
+            self._chunks += 1
 
     def finish(self) -> StreamResult:
         self.result.latencies = self._latencies.tobytes()

@@ -173,6 +173,28 @@ class Target:
         return f"{self.base}/api/stream/{job_id}"
 
 
+@contextlib.asynccontextmanager
+async def py_spy(pid: int, output: Path) -> AsyncIterator[None]:
+    """py-spy sampling `pid` (raw collapsed stacks, idle left out) while the block runs."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "--nolineno", "--nonblocking", "--rate", "250"]
+    process = await asyncio.create_subprocess_exec(
+        *argv, "-o", str(output), stdout=subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    with contextlib.suppress(TimeoutError):  # it says so once it samples
+        await asyncio.wait_for(process.stderr.readline(), 10)
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.communicate(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -181,9 +203,12 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve(kind: str, folder: Path, tools: Tools, node_dir: Path | None = None) -> AsyncIterator[Target]:
-    """A fresh `kind` service ("streamsvc" or "node", from `node_dir`) with `tools`, its files
-    in `folder`; stopped with SIGTERM (then SIGKILL) at the end."""
+async def serve(
+    kind: str, folder: Path, tools: Tools, *, node_dir: Path | None = None, source: Path | None = None
+) -> AsyncIterator[Target]:
+    """A fresh `kind` service ("streamsvc", from the `streamsvc` package in `source` or else
+    the installed one; or "node", from `node_dir`) with `tools`, its files in `folder`;
+    stopped with SIGTERM (then SIGKILL) at the end."""
     (folder / "projects" / PROJECT).mkdir(parents=True, exist_ok=True)
     port = free_port()
     if kind == "streamsvc":
@@ -191,7 +216,7 @@ async def serve(kind: str, folder: Path, tools: Tools, node_dir: Path | None = N
         config.write_text(_streamsvc_toml(tools))
         argv = [PY, "-m", "streamsvc", "server", "--config", str(config), "--port", str(port)]
         argv += ["--log-level", "WARNING"]
-        cwd = ROOT
+        cwd = source or ROOT
     else:
         assert node_dir is not None
         config = folder / "seed.json"
@@ -199,7 +224,8 @@ async def serve(kind: str, folder: Path, tools: Tools, node_dir: Path | None = N
         argv, cwd = ["node", "server.js", str(config), "--port", str(port)], node_dir
     log = os.open(folder / f"{kind}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        process = await asyncio.create_subprocess_exec(*argv, cwd=cwd, stdout=log, stderr=log)
+        env = os.environ | ({"PYTHONPATH": str(source)} if source is not None and kind == "streamsvc" else {})
+        process = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=env, stdout=log, stderr=log)
     finally:
         os.close(log)
     try:
@@ -260,6 +286,26 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
     except TimeoutError:
         process.kill()
         await process.wait()
+
+
+def describe_source(source: Path | None) -> str:
+    """Which streamsvc is measured: a given folder, or this checkout's commit (and whether
+    its working tree differs from it)."""
+    if source is not None:
+        return f"streamsvc from {source}"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "streamsvc"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"streamsvc from {ROOT}"
+    return f"streamsvc at {commit}" + (" with uncommitted changes in streamsvc/" if dirty else "")
 
 
 def install_node_seed(source: Path, into: Path) -> tuple[Path | None, str]:
