@@ -165,6 +165,8 @@ class Delivery:
             "latency_samples": len(ordered),
             "service_cpu_s": round(self.service_cpu_s, 2),
             "client_cpu_s": round(self.client_cpu_s, 2),
+            # what a delivered line costs the service: steadier than a rate on a busy machine
+            "service_cpu_us_per_event": round(self.service_cpu_s * 1e6 / max(self.lines, 1), 2),
         }
 
     def lost(self) -> list[str]:
@@ -378,6 +380,7 @@ async def jobrate(bench: Bench, target: Target) -> Result:
         "p99_ms": ms(percentile(done, 0.99)),
         "service_cpu_s": round(service_cpu, 2),
         "client_cpu_s": round(sum(report.cpu_s for report in reports), 2),
+        "service_cpu_ms_per_job": round(service_cpu * 1000 / max(len(runs), 1), 2),
     }
     return Result("jobrate", target.kind, metrics, problems)
 

@@ -12,10 +12,30 @@ from typing import Any
 
 #: the figures of each kind of scenario that its table rows show: (key, label, higher is better)
 HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
-    "throughput": [("lines_per_s", "lines/s", True), ("mb_per_s", "MB/s", True)],
-    "latency": [("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False), ("max_ms", "max ms", False)],
-    "fanout": [("events_per_s", "events/s", True), ("p99_ms", "p99 ms", False), ("whole", "subs with all", True)],
-    "jobrate": [("jobs_per_s", "jobs/s", True), ("p50_ms", "p50 ms", False), ("p99_ms", "p99 ms", False)],
+    "throughput": [
+        ("lines_per_s", "lines/s", True),
+        ("mb_per_s", "MB/s", True),
+        ("service_cpu_us_per_event", "service CPU µs/line", False),
+    ],
+    "latency": [
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("max_ms", "max ms", False),
+        ("service_cpu_us_per_event", "service CPU µs/line", False),
+    ],
+    "fanout": [
+        ("events_per_s", "events/s", True),
+        ("p99_ms", "p99 ms", False),
+        ("whole", "subs with all", True),
+        ("service_cpu_us_per_event", "service CPU µs/event", False),
+    ],
+    "jobrate": [
+        ("jobs_per_s", "jobs/s", True),
+        ("p50_ms", "p50 ms", False),
+        ("p99_ms", "p99 ms", False),
+        ("lost", "lost", False),
+        ("service_cpu_ms_per_job", "service CPU ms/job", False),
+    ],
     "idle": [("kib_per_stream", "KiB/stream", False)],
 }
 #: the kind of each growth curve's points (`growth-size-100` is a throughput)
