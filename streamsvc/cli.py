@@ -16,6 +16,8 @@ from typing import IO, Any
 from .client import Client, ClientError, Event, Unreachable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+#: how long a second Ctrl-C still lets the first one's cancel request land
+CANCEL_BOUND_S = 5.0
 
 EXIT_FAILED = 1  #: the job failed without an exit status of its own (e.g. stopped by the output cap)
 EXIT_USAGE = 2  #: bad input: arguments, an unknown tool, project or job, a job already finished
@@ -125,14 +127,27 @@ async def _follow(client: Client, job_id: str, after: int, args: argparse.Namesp
         async for batch in client.follow_batches(job_id, after):
             printer.write(batch)
     except Unreachable as exc:
-        raise Unreachable(f"{exc.message}; to go on: watch {job_id} --from {printer.last_id}") from None
-    end = printer.last.data if printer.last is not None and isinstance(printer.last.data, dict) else {}
-    if printer.last is None or printer.last.event != "complete":  # `error`: the service ended the stream
-        why = f"the service ended the stream: {end.get('message')}"
-        raise Unreachable(f"{why}; to go on: watch {job_id} --from {printer.last_id}")
-    if end.get("status") != "completed" and (end.get("exitCode") is None or end.get("truncated")):
-        _note(args, f"job {job_id} {end.get('status')}: {end.get('error')}")
-    return exit_status(end)
+        raise Unreachable(f"{exc.message}; {_resume(job_id, printer.last_id)}") from None
+    end = printer.last
+    if end is not None and end.event == "complete" and isinstance(end.data, dict):
+        result = end.data
+    elif end is None or end.id is not None:  # nothing after `after`, or the log's own `error` (a lost job)
+        result = await client.job(job_id)
+    else:  # an `error` outside the log: the service ended the stream (shutting down)
+        why = f"the service ended the stream: {_message(end)}"
+        raise Unreachable(f"{why}; {_resume(job_id, printer.last_id)}")
+    if result.get("status") != "completed" and (result.get("exitCode") is None or result.get("truncated")):
+        _note(args, f"job {job_id} {result.get('status')}: {result.get('error')}")
+    return exit_status(result)
+
+
+def _message(event: Event | None) -> str:
+    data = event.data if event is not None else None
+    return str(data.get("message")) if isinstance(data, dict) else str(data)
+
+
+def _resume(job_id: str, last_id: int) -> str:
+    return f"resume with: python -m streamsvc watch {job_id} --from {last_id}"
 
 
 def exit_status(result: dict[str, Any]) -> int:
@@ -152,7 +167,8 @@ def exit_status(result: dict[str, Any]) -> int:
 
 class Printer:
     """Events to the terminal: output lines to stdout or stderr by their stream, flushed once per
-    batch and when the stream changes (so a terminal shows them interleaved as they came)."""
+    batch and when the stream changes (so a terminal shows them interleaved as they came).
+    It remembers the last event and the last id."""
 
     def __init__(self, *, as_json: bool, last_id: int) -> None:
         self.as_json = as_json
@@ -202,9 +218,10 @@ class CtrlC:
             await asyncio.wait({self._work})
         finally:
             loop.remove_signal_handler(signal.SIGINT)
-            for task in (self._work, self._cancel):
-                if task is not None and not task.done():
-                    task.cancel()
+            self._work.cancel()
+            if self._cancel is not None:  # a cancel request on its way gets a moment to land
+                await asyncio.wait({self._cancel}, timeout=CANCEL_BOUND_S)
+                self._cancel.cancel()
             await asyncio.gather(*(t for t in (self._work, self._cancel) if t is not None), return_exceptions=True)
         return EXIT_CANCELLED if self._work.cancelled() else self._work.result()
 

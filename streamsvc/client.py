@@ -26,6 +26,8 @@ import attrs
 
 #: events after which the server ends a stream
 TERMINAL = frozenset({"complete", "error"})
+#: the statuses of a job that has ended
+FINISHED = frozenset({"completed", "failed", "timeout", "cancelled", "lost"})
 #: bounds on one connection: to connect, and on silence (the server sends a heartbeat every 15 s)
 CONNECT_BOUND_S = 10.0
 READ_IDLE_S = 60.0
@@ -202,7 +204,8 @@ class Client:
             return await response.text(errors="replace")
 
     async def follow(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[Event]:
-        """The job's events after `last_event_id`, through its terminal event, each exactly once."""
+        """The job's events after `last_event_id` through its terminal event, each exactly once;
+        none when the job had ended by `last_event_id`."""
         async for batch in self.follow_batches(job_id, last_event_id):
             for event in batch:
                 yield event
@@ -212,16 +215,19 @@ class Client:
         loop = asyncio.get_running_loop()
         cursor = _Cursor(last_event_id, alive_at=loop.time())
         while True:
-            parser = SSEParser()
+            parser, fresh = SSEParser(), 0
             try:
                 async with await self._open_stream(job_id, cursor) as response:
                     cursor.opened = True
                     async for chunk in response.content.iter_any():
                         batch = cursor.fresh(parser.feed(chunk), loop.time())
+                        fresh += len(batch)
                         if batch:
                             yield batch
                         if cursor.done:
                             return
+                if not fresh and (await self.job(job_id))["status"] in FINISHED:
+                    return  # it ended at or before `last_event_id`: nothing follows
                 reason = "the stream ended before the job did"
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 reason = str(exc) or type(exc).__name__

@@ -47,6 +47,14 @@ SCRIPTS = {
             print(f"after {i}", flush=True)
             print(f"after err {i}", file=sys.stderr, flush=True)
     """,
+    "stubborn.py": """
+        # ignores SIGTERM; prints "waiting", then ends once the file argv[1] exists
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("waiting", flush=True)
+        while not os.path.exists(sys.argv[1]):
+            time.sleep(0.01)
+    """,
     "selfkill.py": """
         import os, signal
         print("about to die", flush=True)
@@ -64,6 +72,7 @@ def tools(tmp_path: Path) -> dict[str, dict[str, Any]]:
         "slow": {"argv": [PY, "gate.py", str(tmp_path / "never")], "timeout_s": 0.5},
         "resume": {"argv": [PY, "resume.py", str(tmp_path / "open")]},
         "selfkill": {"argv": [PY, "selfkill.py"]},
+        "stubborn": {"argv": [PY, "stubborn.py", str(tmp_path / "open")], "kill_grace_s": 3600},
         "hello": {"argv": [PY, "hello.py"]},
     }
 
@@ -129,12 +138,16 @@ class Running:
         self.out.append(line)
         return line.rstrip("\n")
 
-    async def job_id(self) -> str:
-        """The job id from the `streamsvc: job <id> queued` line on stderr."""
+    async def stderr_line(self) -> str:
         assert self.proc.stderr is not None
         line = (await asyncio.wait_for(self.proc.stderr.readline(), BOUND_S)).decode()
         self.err.append(line)
-        match = re.fullmatch(r"streamsvc: job (\S+) queued\n", line)
+        return line.rstrip("\n")
+
+    async def job_id(self) -> str:
+        """The job id from the `streamsvc: job <id> queued` line on stderr."""
+        line = await self.stderr_line()
+        match = re.fullmatch(r"streamsvc: job (\S+) queued", line)
         assert match, line
         return match[1]
 
@@ -169,6 +182,15 @@ async def job_status(server: Server, job_id: str) -> str:
         job = await get_json(http, f"{server.url}/api/jobs/{job_id}")
     status: str = job["status"]
     return status
+
+
+async def eventually_status(server: Server, job_id: str, status: str) -> None:
+    async with session() as http:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + BOUND_S
+        while (await get_json(http, f"{server.url}/api/jobs/{job_id}"))["status"] != status:
+            assert loop.time() < deadline, f"job {job_id} is not {status} within {BOUND_S} s"
+            await asyncio.sleep(0.01)
 
 
 # --- run ----------------------------------------------------------------------------------
@@ -247,6 +269,41 @@ async def test_ctrl_c_cancels_the_job_follows_it_to_its_end_and_exits_130(serve:
     assert "Traceback" not in done.err
     assert done.err_lines[1].startswith("streamsvc: cancelling the job")
     assert done.err_lines[-1] == f"streamsvc: job {job_id} cancelled: cancelled while running"
+
+
+async def test_a_second_ctrl_c_quits_at_once_after_the_cancel_was_sent(serve: Any, tmp_path: Path) -> None:
+    server = await serve()
+    running = await start_cli("run", "stubborn", "proj", "--url", server.url)
+    job_id = await running.job_id()
+    assert await running.stdout_line() == "waiting"
+    running.proc.send_signal(signal.SIGINT)
+    assert (await running.stderr_line()).startswith("streamsvc: cancelling the job")
+    running.proc.send_signal(signal.SIGINT)
+    done = await running.finish()
+    assert done.code == 130, done
+    assert len(done.err_lines) == 2, done.err  # no summary: it did not wait for the job's end
+    assert await job_status(server, job_id) == "running"  # the tool ignores SIGTERM, its grace is an hour
+    (tmp_path / "open").touch()  # the tool ends by itself; the cancel had reached the service
+    await eventually_status(server, job_id, "cancelled")
+
+
+async def test_a_stream_the_service_ends_exits_69_and_watch_after_a_restart_exits_75(
+    serve: Any, tmp_path: Path
+) -> None:
+    server = await serve()
+    running = await start_cli("run", "gate", "proj", "--url", server.url)
+    job_id = await running.job_id()
+    assert await running.stdout_line() == "waiting"
+    server.proc.send_signal(signal.SIGTERM)
+    done = await running.finish()
+    assert done.code == 69, done
+    assert done.err_lines[-1].startswith("streamsvc: the service ended the stream: the service is shutting down")
+    waiting = re.search(rf"resume with: python -m streamsvc watch {job_id} --from (\d+)$", done.err_lines[-1])
+    assert waiting, done.err
+    again = await serve()
+    watched = await cli("watch", job_id, "--from", waiting[1], "--url", again.url)
+    assert (watched.code, watched.out) == (75, ""), watched
+    assert watched.err_lines == [f"streamsvc: job {job_id} lost: the service stopped while the job ran"]
 
 
 # --- resuming --------------------------------------------------------------------------------
@@ -340,6 +397,10 @@ async def test_watch_from_n_prints_only_the_lines_after_event_n(serve: Any) -> N
     after = next(e["id"] for e in events if e["event"] == "output" and e["data"]["line"] == "line 1")
     done = await cli("watch", job_id, "--from", str(after), "--url", server.url)
     assert (done.code, done.out) == (0, "line 2\nline 3\nline 4\n"), done
+    failed = (await cli("run", "both3", "proj", "--url", server.url, "--json")).out.splitlines()
+    failed_id, last = json.loads(failed[-1])["data"]["jobId"], json.loads(failed[-1])["id"]
+    end = await cli("watch", failed_id, "--from", str(last), "--url", server.url)
+    assert (end.code, end.out, end.err) == (3, "", "")  # nothing after its end: its exit status at once
     whole = await cli("watch", job_id, "--url", server.url, "--quiet")
     assert (whole.code, whole.out, whole.err) == (0, "".join(f"line {i}\n" for i in range(5)), "")
 

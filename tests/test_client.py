@@ -67,10 +67,13 @@ def frame(seq: int, event: str, data: dict[str, Any]) -> bytes:
 Answer = Callable[[int], web.StreamResponse | bytes]
 
 
-async def serve_stream(aiohttp_server: Any, answer: Answer) -> tuple[str, list[str]]:
-    """A server whose n-th stream request gets `answer(n)` (bytes: a 200 stream that then ends);
-    its URL and the Last-Event-ID of every request."""
+async def serve_stream(aiohttp_server: Any, answer: Answer, status: str = "running") -> tuple[str, list[str]]:
+    """A server whose n-th stream request gets `answer(n)` (bytes: a 200 stream that then ends),
+    and whose job has `status`; its URL and the Last-Event-ID of every stream request."""
     seen: list[str] = []
+
+    async def job(request: web.Request) -> web.Response:
+        return web.json_response({"data": {"jobId": request.match_info["job"], "status": status}})
 
     async def stream(request: web.Request) -> web.StreamResponse:
         seen.append(request.headers.get("Last-Event-ID", ""))
@@ -84,6 +87,7 @@ async def serve_stream(aiohttp_server: Any, answer: Answer) -> tuple[str, list[s
 
     app = web.Application()
     app.router.add_get("/api/stream/{job}", stream)
+    app.router.add_get("/api/jobs/{job}", job)
     server = await aiohttp_server(app)
     return str(server.make_url("")), seen
 
@@ -110,6 +114,13 @@ async def test_follow_starts_after_the_given_event(aiohttp_server: Any) -> None:
     async with Client(url) as api:
         got = [event.id async for event in api.follow("job", last_event_id=3)]
     assert (got, seen) == ([4], ["3"])
+
+
+async def test_follow_after_the_end_of_a_finished_job_yields_nothing(aiohttp_server: Any) -> None:
+    url, seen = await serve_stream(aiohttp_server, lambda n: b"", status="completed")
+    async with Client(url) as api:
+        got = [event async for event in api.follow("job", last_event_id=9)]
+    assert (got, seen) == ([], ["9"])
 
 
 async def test_follow_gives_up_when_nothing_comes_within_its_bound(aiohttp_server: Any) -> None:
