@@ -82,6 +82,9 @@ def main(args: argparse.Namespace) -> int:
         return asyncio.run(_command(args))
     except KeyboardInterrupt:
         return EXIT_CANCELLED
+    except BrokenPipeError:  # whoever read our output has gone (`| head`): end as a shell pipeline does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGNAL + signal.SIGPIPE
 
 
 async def _command(args: argparse.Namespace) -> int:

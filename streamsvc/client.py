@@ -226,7 +226,7 @@ class Client:
                             yield batch
                         if cursor.done:
                             return
-                if not fresh and (await self.job(job_id))["status"] in FINISHED:
+                if not fresh and await self._finished(job_id):
                     return  # it ended at or before `last_event_id`: nothing follows
                 reason = "the stream ended before the job did"
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
@@ -254,6 +254,13 @@ class Client:
             response.release()
             raise
         return response
+
+    async def _finished(self, job_id: str) -> bool:
+        """Whether the job has ended (False when the service cannot say now)."""
+        try:
+            return (await self.job(job_id)).get("status") in FINISHED
+        except Unreachable:
+            return False
 
     async def _pause(self, cursor: _Cursor, parser: SSEParser, now: float, why: str) -> None:
         """Wait before reconnecting: the server's `retry:`, doubled per failure in a row; give up

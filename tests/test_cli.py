@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import textwrap
@@ -304,6 +305,25 @@ async def test_a_stream_the_service_ends_exits_69_and_watch_after_a_restart_exit
     watched = await cli("watch", job_id, "--from", waiting[1], "--url", again.url)
     assert (watched.code, watched.out) == (75, ""), watched
     assert watched.err_lines == [f"streamsvc: job {job_id} lost: the service stopped while the job ran"]
+
+
+async def test_a_reader_that_goes_away_ends_run_like_a_pipeline_without_a_traceback(serve: Any, tmp_path: Path) -> None:
+    server = await serve()
+    read_end, write_end = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-m", "streamsvc", "run", "resume", "proj", "--url", server.url,
+            stdin=asyncio.subprocess.DEVNULL, stdout=write_end, stderr=asyncio.subprocess.PIPE, env=cli_env(),
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:  # `| head -1`
+        assert await asyncio.to_thread(reader.readline) == b"before 0\n"
+    (tmp_path / "open").touch()  # more output, to a pipe no one reads
+    _, err = await asyncio.wait_for(proc.communicate(), HTTP_BOUND_S)
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert "Traceback" not in err.decode()
+    assert all(line.startswith("after err") for line in err.decode().splitlines()[1:]), err
 
 
 # --- resuming --------------------------------------------------------------------------------
