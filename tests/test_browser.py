@@ -78,6 +78,10 @@ TOOL_SCRIPTS = {
         out("\x1b[2K\x1b[1Gcleared \x1b]0;window title\x07done\x07")
         out("to stderr", sys.stderr)
     """,
+    "flood.py": """
+        import sys
+        sys.stdout.writelines(f"line {i}\\n" for i in range(1, 20_501))
+    """,
     "wide.py": """
         print("x" * 3000)
         print(" ".join(["word"] * 600))
@@ -128,6 +132,7 @@ def write_service(folder: Path, *, auth_token: str = "") -> Path:
         tool_table("colors", "colors.py"),
         tool_table("both", "both.py", "3"),
         tool_table("wide", "wide.py"),
+        tool_table("flood", "flood.py"),
         tool_table("quick", "hello.py"),
     ]
     config = folder / "streamsvc.toml"
@@ -492,7 +497,7 @@ def test_colours_render_as_colours_and_markup_stays_text(service: Service, page:
         value: str = page.locator(f"#log {selector}").evaluate(f"e => getComputedStyle(e).{prop}")
         return value
 
-    plain = color(".line:first-child")
+    plain = color(".line >> nth=0")
     expect(page.locator("#log .ansi-fg-1")).to_have_text("red")
     assert color(".ansi-fg-1") == "rgb(255, 107, 107)" != plain
     expect(page.locator("#log .ansi-bold.ansi-fg-2")).to_have_text("bold green")
@@ -505,7 +510,7 @@ def test_colours_render_as_colours_and_markup_stays_text(service: Service, page:
     assert page.title() == "completed · colors on proj · streamsvc"
     # stderr looks different from stdout
     err = page.locator("#log .line.err")
-    assert err.evaluate("e => getComputedStyle(e).boxShadow") != color(".line:first-child", "boxShadow")
+    assert err.evaluate("e => getComputedStyle(e).boxShadow") != color(".line >> nth=0", "boxShadow")
     assert color(".line.err") != plain
 
 
@@ -603,6 +608,22 @@ def test_the_log_stops_following_when_scrolled_up_and_resumes_on_request(service
     page.click("#follow")
     expect(page.locator("#follow")).to_be_hidden()
     assert from_bottom() <= 1
+
+
+def test_a_long_log_keeps_the_newest_lines_on_the_page_and_links_the_rest(service: Service, page: Page) -> None:
+    page.goto(service.url)
+    job_id = run_from_page(page, "flood")
+    expect(page.locator("#badge")).to_have_text("completed")
+    expect(log_lines(page)).to_have_count(20_000)
+    expect(log_lines(page).first).to_have_text("line 501")
+    expect(log_lines(page).last).to_have_text("line 20500")
+    expect(page.locator("#lines")).to_have_text("20,500")
+    trimmed = "Showing the newest 20,000 of 20,500 lines; the full log has them all."
+    expect(page.locator("#trimmed")).to_have_text(trimmed)
+    expect(page.locator("#trimmed a")).to_have_attribute("href", f"/api/jobs/{job_id}/log")
+    # it followed the output all the way: the last line is in sight
+    expect(log_lines(page).last).to_be_in_viewport()
+    expect(page.locator("#follow")).to_be_hidden()
 
 
 def tab_to(page: Page, element_id: str) -> None:

@@ -6,8 +6,12 @@
 (() => {
   /** the newest lines kept on the page; the full log is one link away */
   const MAX_LINES = 20000;
+  /** lines per chunk of the log (the unit the browser skips when out of sight) */
+  const CHUNK_LINES = 200;
   /** at most this many lines reach the page per animation frame */
   const LINES_PER_FRAME = 2000;
+  /** a busy log is laid out at most this often (each batch costs a layout of the whole log) */
+  const FLUSH_EVERY_MS = 50;
   const QUEUE_POLL_MS = 1000;
   const TICK_MS = 1000;
   const JOBS_SHOWN = 50;
@@ -230,7 +234,9 @@
     return {
       pending: [], // lines not on the page yet, oldest first
       count: 0, // output lines received
+      shown: 0, // output lines on the page
       follow: true, // keep the newest line in sight
+      pinnedTop: 0, // the log's scrollTop where the page last put it
       scheduled: false,
       styles: { stdout: plainStyle(), stderr: plainStyle() },
     };
@@ -243,14 +249,18 @@
     scheduleFlush(view);
   }
 
+  /** Lines reach the page in batches: on the next frame, at most one batch every FLUSH_EVERY_MS. */
   function scheduleFlush(view) {
     if (view.scheduled) return;
     view.scheduled = true;
     const run = () => {
       view.scheduled = false;
+      view.flushedAt = performance.now();
       if (view === state.view) flush(view, LINES_PER_FRAME);
     };
+    const wait = Math.max(0, (view.flushedAt || 0) + FLUSH_EVERY_MS - performance.now());
     if (document.hidden) setTimeout(run, 250);
+    else if (wait > 0) setTimeout(() => requestAnimationFrame(run), wait);
     else requestAnimationFrame(run);
   }
 
@@ -266,19 +276,44 @@
     const batch = view.pending.splice(0, limit);
     const log = $("log");
     if (batch.length) {
-      const fragment = document.createDocumentFragment();
-      for (const item of batch) fragment.append(lineElement(view, item));
-      log.append(fragment);
-      for (let excess = log.childElementCount - MAX_LINES; excess > 0; excess--) log.firstElementChild.remove();
+      appendLines(view, log, batch.map((item) => lineElement(view, item)));
+      trim(view, log);
       showCounts(view);
-      if (view.follow) log.scrollTop = log.scrollHeight;
+      if (view.follow) scrollToBottom(view, log);
     }
     if (view.pending.length) scheduleFlush(view);
   }
 
+  /** Lines live in chunks of up to CHUNK_LINES, so the browser skips whole chunks out of sight. */
+  function appendLines(view, log, lines) {
+    view.shown += lines.length;
+    let chunk = log.lastElementChild;
+    for (let start = 0; start < lines.length; ) {
+      if (!chunk || chunk.childElementCount >= CHUNK_LINES) chunk = log.appendChild(el("div", { className: "chunk" }));
+      const end = start + CHUNK_LINES - chunk.childElementCount;
+      chunk.append(...lines.slice(start, end));
+      start = end;
+    }
+  }
+
+  /** Remove the oldest lines beyond MAX_LINES: whole chunks, then lines of the first one. */
+  function trim(view, log) {
+    while (view.shown > MAX_LINES) {
+      const chunk = log.firstElementChild;
+      const excess = view.shown - MAX_LINES;
+      if (chunk.childElementCount <= excess) {
+        view.shown -= chunk.childElementCount;
+        chunk.remove();
+      } else {
+        for (let i = 0; i < excess; i++) chunk.firstElementChild.remove();
+        view.shown -= excess;
+      }
+    }
+  }
+
   function showCounts(view) {
     $("lines").textContent = view.count.toLocaleString("en");
-    const shown = $("log").childElementCount;
+    const shown = view.shown;
     const trimmed = $("trimmed");
     trimmed.hidden = view.count <= shown;
     if (!trimmed.hidden) {
@@ -296,15 +331,25 @@
     $("follow").hidden = on || !state.view;
   }
 
+  /** At the bottom, the log follows; scrolled up above where the page last put it, it stops.
+   * (Chunks growing as they are laid out move the bottom away, but never scroll the log up.) */
   function onLogScroll() {
     const log = $("log");
-    setFollow(log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_SLACK_PX);
+    const view = state.view;
+    if (!view) return;
+    if (log.scrollHeight - log.scrollTop - log.clientHeight <= BOTTOM_SLACK_PX) setFollow(true);
+    else if (log.scrollTop < view.pinnedTop - 1) setFollow(false);
+  }
+
+  function scrollToBottom(view, log) {
+    log.scrollTop = log.scrollHeight;
+    view.pinnedTop = log.scrollTop;
   }
 
   function jumpToLatest() {
     const log = $("log");
     setFollow(true);
-    log.scrollTop = log.scrollHeight;
+    if (state.view) scrollToBottom(state.view, log);
     log.focus();
   }
 
