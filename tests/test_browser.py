@@ -828,7 +828,7 @@ def test_screenshot(tmp_path: Path, open_page: PageFactory) -> None:
             page.select_option("#tool", tool)
             page.click("#run")
             expect(page.locator("#conn")).to_have_attribute("data-state", "idle")
-            expect(page.locator("#badge")).not_to_have_text(re.compile("queued|running|…"))
+            expect(page.locator("#badge")).not_to_have_text(re.compile("loading|queued|running"))
         page.select_option("#tool", "progress")
         page.click("#run")
         expect(page.get_by_text("step 13/20")).to_be_visible()

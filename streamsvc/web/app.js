@@ -265,14 +265,15 @@
   }
 
   function lineElement(view, { n, line, stream }) {
-    const isErr = stream === "stderr";
-    const div = el("div", { className: isErr ? "line err" : "line" }, ...lineNodes(line, view.styles[stream] || view.styles.stdout));
+    const style = stream === "stderr" ? view.styles.stderr : view.styles.stdout;
+    const div = el("div", { className: stream === "stderr" ? "line err" : "line" }, ...lineNodes(line, style));
     div.dataset.n = n;
     return div;
   }
 
   /** Put up to `limit` pending lines on the page, drop the oldest beyond MAX_LINES, keep the bottom in sight. */
   function flush(view, limit) {
+    if (view.pending.length > MAX_LINES) view.pending.splice(0, view.pending.length - MAX_LINES); // never shown
     const batch = view.pending.splice(0, limit);
     const log = $("log");
     if (batch.length) {
@@ -417,7 +418,8 @@
     if (state.source) state.source.close();
     clearTimeout(state.pollTimer);
     clearInterval(state.tickTimer);
-    Object.assign(state, { jobId: null, job: null, source: null, lastId: 0, view: null, cancelling: false, clock: null });
+    Object.assign(state, { jobId: null, job: null, source: null, lastId: 0, view: null });
+    Object.assign(state, { cancelling: false, clock: null });
     $("log").replaceChildren();
     $("trimmed").hidden = true;
     $("lines").textContent = "0";
@@ -441,9 +443,9 @@
     closeJob();
     Object.assign(state, { jobId, job: { jobId }, view: newView() });
     if (push && location.pathname !== jobPath(jobId)) history.pushState({ jobId }, "", jobPath(jobId));
+    renderJob({ jobId, status: "loading" });
     $("job-title").textContent = "Loading…";
     $("job-sub").textContent = jobId;
-    $("badge").textContent = "…";
     markCurrent();
     try {
       const job = await api(jobApi(jobId));
@@ -520,7 +522,8 @@
   function renderDuration() {
     const job = state.job;
     let text = "–";
-    if (job?.status === "running" && state.clock) text = formatDuration(state.clock.ms + performance.now() - state.clock.at);
+    const clock = state.clock;
+    if (job?.status === "running" && clock) text = formatDuration(clock.ms + performance.now() - clock.at);
     else if (FINAL.has(job?.status) && known(job.durationMs)) text = formatDuration(job.durationMs);
     $("duration").textContent = text;
   }
@@ -541,7 +544,7 @@
   }
 
   function setConn(conn) {
-    const labels = { live: "Live", reconnecting: "Reconnecting…", lost: "Disconnected" };
+    const labels = { live: "Live", replay: "Loading the log…", reconnecting: "Reconnecting…", lost: "Disconnected" };
     $("conn").dataset.state = conn;
     $("conn").textContent = labels[conn] || "";
   }
@@ -559,7 +562,7 @@
     const mine = (handler) => (event) => {
       if (state.source === source) handler(event);
     };
-    source.addEventListener("open", mine(() => setConn("live")));
+    source.addEventListener("open", mine(() => setConn(FINAL.has(state.job?.status) ? "replay" : "live")));
     source.addEventListener("status", mine(onStatus));
     source.addEventListener("output", mine(onOutput));
     source.addEventListener("complete", mine(onComplete));
@@ -810,7 +813,13 @@
     const link = el(
       "a",
       { href: jobPath(job.jobId), className: "job-link" },
-      el("span", { className: "job-line" }, el("strong", { textContent: job.toolId }), el("span", { className: "on", textContent: " on " }), job.projectId),
+      el(
+        "span",
+        { className: "job-line" },
+        el("strong", { textContent: job.toolId }),
+        el("span", { className: "on", textContent: " on " }),
+        job.projectId,
+      ),
       badge(job.status),
       el("span", { className: "job-meta" }, when, duration),
     );
