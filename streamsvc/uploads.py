@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from attrs import frozen
 
 from .config import UploadsConfig
@@ -123,7 +124,7 @@ async def _write_multipart(request: web.Request, path: Path, max_bytes: int) -> 
         size = await _write(part.read_chunk, path, max_bytes)
         if await reader.next() is not None:
             raise BadRequest(only)
-    except (ValueError, LookupError, AssertionError) as exc:
+    except (ValueError, LookupError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest(f"the multipart body is malformed: {str(exc)[:200]}") from None
     return size
 

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse
-from conftest import PY, UNKNOWN_JOB, Client, ClientFactory, ConfigFactory, Event, collect, follow, submit, wait_job
+from conftest import (
+    PY,
+    UNKNOWN_JOB,
+    Client,
+    ClientFactory,
+    ConfigFactory,
+    Event,
+    collect,
+    follow,
+    submit,
+    wait_job,
+)
 from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -450,3 +464,61 @@ async def test_queue_full_and_shutting_down_match(
         assert response.status == 503 and "Retry-After" in response.headers
     assert body["error"] == body["error"] | {"type": "system_error", "code": "shutting_down"}
     gate.touch()
+
+
+def zip_of(files: dict[str, str]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return buffer.getvalue()
+
+
+async def test_project_uploads_and_deletions_match(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    (tmp_path / "gate.py").write_text(
+        "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.01)\n"
+    )
+    config = make_config({"gate": [PY, str(tmp_path / "gate.py"), str(gate)]}, uploads={"max_entries": 2})
+    client = await start(config)
+    zip_headers = {"Content-Type": "application/zip"}
+    body = await call(
+        client,
+        "POST",
+        "/api/projects",
+        "/api/projects",
+        data=zip_of({"a.txt": "a", "b/c.txt": "c"}),
+        headers=zip_headers,
+    )
+    created = body["data"]
+    assert created == {"projectId": created["projectId"], "fileCount": 2, "bytes": 2}
+    form = aiohttp.FormData()
+    form.add_field("file", zip_of({"x.txt": "x"}), filename="p.zip", content_type="application/zip")
+    assert (await call(client, "POST", "/api/projects", "/api/projects", data=form))["data"]["fileCount"] == 1
+    listed = (await call(client, "GET", "/api/projects", "/api/projects"))["data"]
+    assert [(p["projectId"], p["uploaded"]) for p in listed][:2] == [("proj", False), (created["projectId"], True)]
+
+    for data, headers, code in (
+        (b"not a zip", zip_headers, "bad_archive"),
+        (zip_of({"../evil": "x"}), zip_headers, "unsafe_path"),
+        (zip_of({"1": "", "2": "", "3": ""}), zip_headers, "too_many_entries"),
+        (b"PK", {"Content-Type": "text/plain"}, "unsupported_media_type"),
+    ):
+        body = await call(client, "POST", "/api/projects", "/api/projects", data=data, headers=headers)
+        assert body["error"]["code"] == code
+
+    template = "/api/projects/{projectId}"
+    job_id = await submit(client, "gate", created["projectId"])
+    await wait_job(client, job_id, "running", fetch=get_job)
+    busy = [p for p in (await call(client, "GET", "/api/projects", "/api/projects"))["data"] if p.get("busy")]
+    assert [(p["projectId"], p["expiresAt"]) for p in busy] == [(created["projectId"], None)]
+    body = await call(client, "DELETE", f"/api/projects/{created['projectId']}", template)
+    assert body["error"]["code"] == "project_busy"
+    gate.touch()
+    await wait_job(client, job_id, "completed", fetch=get_job)
+    assert (await call(client, "DELETE", f"/api/projects/{created['projectId']}", template))["data"] == created
+    for project_id, code in (("proj", "project_configured"), (created["projectId"], "unknown_project")):
+        body = await call(client, "DELETE", f"/api/projects/{project_id}", template)
+        assert body["error"]["code"] == code
