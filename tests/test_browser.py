@@ -652,11 +652,16 @@ def test_on_a_narrow_screen_by_keyboard_alone(service: Service, open_page: PageF
     # long lines wrap inside the log: the page itself never scrolls sideways
     width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert width[0] <= width[1] == 360
-    # the past jobs list is reachable and opens a job with Enter
+    # from the start page, the past jobs list is reachable and opens a job with Enter
+    job_id = page.url.rsplit("/", 1)[1]
+    page.goto(service.url)
+    expect(page.locator("#jobs a").first).to_have_attribute("data-job-id", job_id)
     tab_to(page, "jobs-refresh")
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")
-    expect(page.locator("#jobs a[aria-current=page]")).to_have_count(1)
+    expect(page).to_have_url(f"{service.url}/jobs/{job_id}")
+    expect(log_lines(page)).to_have_count(2)
+    expect(page.locator("#jobs a[aria-current=page]")).to_have_attribute("data-job-id", job_id)
 
 
 def test_with_a_token_the_page_asks_for_it_then_works(tmp_path: Path, open_page: PageFactory) -> None:

@@ -756,6 +756,7 @@
       clearNotice();
       openJob(data.jobId, { push: true });
       refreshJobs();
+      if (matchMedia("(max-width: 860px)").matches) $("job").scrollIntoView({ block: "start" }); // one column
     } catch (err) {
       if (err.status !== 401) notify(`Could not start the job: ${err.message}`);
     } finally {
