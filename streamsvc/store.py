@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,120 @@ CACHED_LOGS = 64
 LOST_MESSAGE = "the service stopped while the job ran"
 #: the most output (in characters) a `complete` event carries, besides `max_result_lines`
 MAX_RESULT_BYTES = 1024 * 1024
+#: below this much free space in the data folder, new jobs are refused
+MIN_FREE_BYTES = 64 * 1024
+#: the journal of job records, in `data_dir/jobs`
+JOURNAL = "records.jsonl"
+#: the journal is rewritten when it holds more lines than this many per job, plus the slack
+COMPACT_FACTOR = 4
+COMPACT_SLACK = 1000
+
+
+class RecordJournal:
+    """An append-only file of JSON records, one per line, one write per record."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines = 0
+        #: the file's length up to its last whole line, once known
+        self._size: int | None = None
+
+    def load(self, folder: Path) -> list[dict[str, Any]]:
+        """The last record of each job, in the journal's order; a torn last line is cut
+        off. Per-job `<id>.json` files (the layout before the journal) are read first."""
+        records: dict[str, dict[str, Any]] = {}
+        for path in folder.glob("*.json.tmp"):
+            path.unlink(missing_ok=True)
+        for path in folder.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                self._take(records, path.read_bytes())
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            blob = b""
+        whole = blob.rfind(b"\n") + 1
+        if whole < len(blob):
+            with contextlib.suppress(OSError):  # else the next append starts a new line
+                os.truncate(self.path, whole)
+        for line in blob[:whole].splitlines():
+            try:
+                self._take(records, line)
+            except ValueError as exc:
+                log.warning("skipping a damaged line of %s: %s", self.path.name, exc)
+        return list(records.values())
+
+    @staticmethod
+    def _take(records: dict[str, dict[str, Any]], raw: bytes) -> None:
+        record = json.loads(raw)
+        if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
+            raise ValueError("not a job record")
+        records.pop(record["job_id"], None)
+        records[record["job_id"]] = record
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One line, one write; on failure the file is cut back to its last whole line.
+        The file is open only for the write, so no descriptor pins the data folder."""
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if self._size is None:
+            self._size = self._whole_size()
+            if self._size < _size_of(self.path):
+                line = b"\n" + line  # a torn line that could not be cut stays a line of its own
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write to the job journal")
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._size)
+            raise
+        finally:
+            os.close(fd)
+        self._size += len(line)
+        self.lines += 1
+
+    def _whole_size(self) -> int:
+        """The length of the file up to its last newline."""
+        size = _size_of(self.path)
+        if size == 0:
+            return 0
+        with open(self.path, "rb") as file:
+            file.seek(max(size - 64 * 1024, 0))
+            tail = file.read()
+        return size - len(tail) + tail.rfind(b"\n") + 1
+
+    def compact(self, records: Iterable[dict[str, Any]]) -> None:
+        """Rewrite the journal to hold exactly `records` (aside, then renamed into place),
+        and drop per-job record files of the old layout."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        lines = [json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records]
+        try:
+            tmp.write_bytes(b"".join(lines))
+            os.replace(tmp, self.path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.lines = len(lines)
+        self._size = sum(map(len, lines))
+        for path in self.path.parent.glob("*.json"):
+            path.unlink(missing_ok=True)
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 class JobStore:
-    """Every job the service knows, newest last, each with a record file and a log file.
+    """Every job the service knows, newest last: its records in one journal, its events in
+    a log file of its own.
 
-    A record is replaced atomically (written aside, then renamed), so a crash at any
-    instant leaves the old record or the new one, never a torn one."""
+    Each change of a job appends its whole record as one line to `records.jsonl` (one
+    write, no file made per change: a job costs three appends, not three files renamed
+    into place). The last line of a job wins; a crash at any instant leaves at most a torn
+    last line, which loading cuts off. The journal is rewritten (aside, then renamed) when
+    it holds many more lines than jobs."""
 
     def __init__(self, data_dir: Path, retention_jobs: int, max_result_lines: int = 10000) -> None:
         self.dir = data_dir / "jobs"
@@ -40,19 +148,18 @@ class JobStore:
         self.jobs: dict[str, Job] = {}
         self._hot: dict[str, JobLog] = {}
         self._cold: OrderedDict[str, JobLog] = OrderedDict()
+        self._journal = RecordJournal(self.dir / JOURNAL)
 
     def recover(self) -> list[Job]:
         """Load every record; end the jobs a stopped service left running (`lost`) and
         return the accepted, unstarted ones in the order they came, to be run."""
         self.dir.mkdir(parents=True, exist_ok=True)
         loaded = []
-        for path in self.dir.glob("*.json.tmp"):
-            path.unlink(missing_ok=True)
-        for path in self.dir.glob("*.json"):
+        for record in self._journal.load(self.dir):
             try:
-                loaded.append(Job.from_record(json.loads(path.read_bytes())))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("skipping unreadable job record %s: %s", path.name, exc)
+                loaded.append(Job.from_record(record))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("skipping an unreadable job record: %s", exc)
         loaded.sort(key=lambda job: job.created_at)
         queued = []
         for job in loaded:
@@ -63,11 +170,13 @@ class JobStore:
                 self._hot[job.job_id] = JobLog.load(self._log_path(job.job_id))
                 queued.append(job)
         self.prune()
+        self._compact()
         return queued
 
     def add(self, tool_id: str, project_id: str, client: str = "") -> Job:
         """Record a newly accepted job, with its empty log."""
         job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id, client=client)
+        self._check_space()
         try:
             joblog = JobLog.create(self._log_path(job.job_id))
         except OSError as exc:
@@ -82,6 +191,16 @@ class JobStore:
         self.jobs[job.job_id] = job
         self._hot[job.job_id] = joblog
         return job
+
+    def _check_space(self) -> None:
+        """Refuse a job the data folder has no room for: its log could not be written."""
+        try:
+            info = os.statvfs(self.dir)
+        except OSError as exc:
+            raise StorageError(f"cannot use the data folder: {exc.strerror}") from None
+        free = info.f_bavail * info.f_frsize
+        if free < MIN_FREE_BYTES:
+            raise StorageError(f"no space left in the data folder ({free} bytes free)")
 
     def save(self, job: Job) -> None:
         """Persist the record. A failing data folder is logged, not raised: the record in
@@ -142,8 +261,15 @@ class JobStore:
         for job in finished[: max(len(finished) - self.retention_jobs, 0)]:
             del self.jobs[job.job_id]
             self._cold.pop(job.job_id, None)
-            for path in (self._record_path(job.job_id), self._log_path(job.job_id)):
-                path.unlink(missing_ok=True)
+            self._log_path(job.job_id).unlink(missing_ok=True)
+        if self._journal.lines > COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        try:
+            self._journal.compact(job.to_record() for job in self.jobs.values())
+        except OSError as exc:  # the journal stays as it was, longer than needed
+            log.error("cannot compact the job journal: %s", exc)
 
     def close(self) -> None:
         for joblog in self._hot.values():
@@ -171,18 +297,7 @@ class JobStore:
             self._cold.popitem(last=False)
 
     def _write(self, job: Job) -> None:
-        path = self._record_path(job.job_id)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_bytes(json.dumps(job.to_record()).encode())
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-
-    def _record_path(self, job_id: str) -> Path:
-        return self.dir / f"{job_id}.json"
+        self._journal.append(job.to_record())
 
     def _log_path(self, job_id: str) -> Path:
         return self.dir / f"{job_id}.log"

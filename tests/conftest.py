@@ -182,6 +182,15 @@ async def eventually(condition: Callable[[], bool], what: str, *, bound_s: float
         raise TimeoutError(f"not within {bound_s} s: {what}") from None
 
 
+def record_of(jobs_dir: Path, job_id: str) -> dict[str, Any]:
+    """The job's newest record in the store's journal."""
+    records = [json.loads(line) for line in (jobs_dir / "records.jsonl").read_bytes().splitlines()]
+    mine = [record for record in records if record["job_id"] == job_id]
+    assert mine, f"no record of {job_id}"
+    record: dict[str, Any] = mine[-1]
+    return record
+
+
 def lines_of(events: list[Event]) -> list[str]:
     return [e.data["line"] for e in events if e.event == "output"]
 

@@ -309,10 +309,9 @@ async def test_torn_log_tail_and_torn_records_left_by_a_kill_9_are_harmless(
         jobs = crash_setup.data / "jobs"
         with (jobs / f"{job_id}.log").open("ab") as log_file:
             log_file.write(TORN_FRAME)
-        record = (jobs / f"{job_id}.json").read_bytes()
-        (jobs / f"{job_id}.json.tmp").write_bytes(record[: len(record) // 2])
         torn_id = str(uuid.uuid4())
-        (jobs / f"{torn_id}.json").write_bytes(f'{{"jobId": "{torn_id}", "status": "runn'.encode())
+        with (jobs / "records.jsonl").open("ab") as journal:
+            journal.write(f'{{"job_id": "{torn_id}", "status": "runn'.encode())
 
         again = await launch("--config", str(crash_setup.config))
         lost = await get_json(http, f"{again.url}/api/jobs/{job_id}")

@@ -191,7 +191,7 @@ async def test_env_var_config_is_served_with_cli_host_and_port(tmp_path: Path, l
         events = await stream_of(http, server, job_id)
     assert outputs(events) == ["hello"]
     assert "(tools: hello)" in server.stdout()
-    assert (tmp_path / "etc" / "data" / "jobs" / f"{job_id}.json").is_file()  # beside the file, not in cwd
+    assert (tmp_path / "etc" / "data" / "jobs" / f"{job_id}.log").is_file()  # beside the file, not in cwd
     assert not (cwd / "var").exists()
 
 

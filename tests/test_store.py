@@ -23,18 +23,20 @@ from conftest import (
     job_of,
     lines_of,
     read_sse,
+    record_of,
     submit,
     wait_job,
 )
 
 from streamsvc import joblog as joblog_module
+from streamsvc import store as store_module
 from streamsvc.api import STORE
 from streamsvc.config import Config
 from streamsvc.errors import UnknownJob
 from streamsvc.joblog import JobLog, encode_frame, parse_frames
 from streamsvc.models import JobStatus
 from streamsvc.runner import MIN_LINE_CHARGE
-from streamsvc.store import JobStore
+from streamsvc.store import JOURNAL, JobStore
 
 #: prints its pid, then blocks until the file named by argv[1] exists
 PID_GATE = """
@@ -60,11 +62,11 @@ async def crash(client: Client, config: Config, job_id: str, log_tail: bytes = b
     """Stop the service as a crash (kill -9, power loss) would: the running job's record and log
     stay as they were (the log followed by `log_tail`), not as a clean stop leaves them; the record."""
     jobs_dir = config.server.data_dir / "jobs"
-    record, log = (jobs_dir / f"{job_id}.json").read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    journal, log = (jobs_dir / JOURNAL).read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    saved = record_of(jobs_dir, job_id)
     await client.close()
-    (jobs_dir / f"{job_id}.json").write_bytes(record)
+    (jobs_dir / JOURNAL).write_bytes(journal)
     (jobs_dir / f"{job_id}.log").write_bytes(log + log_tail)
-    saved: dict[str, Any] = json.loads(record)
     return saved
 
 
@@ -140,7 +142,7 @@ async def test_a_queued_job_runs_after_a_restart_and_the_running_one_is_lost(
     await client.close()
 
     jobs_dir = config.server.data_dir / "jobs"
-    assert json.loads((jobs_dir / f"{queued}.json").read_text())["status"] == "queued"
+    assert record_of(jobs_dir, queued)["status"] == "queued"
     assert is_gone(pid)  # the service stopped: the tool did not outlive it
 
     client = await start(config)
@@ -221,7 +223,7 @@ async def test_retention_keeps_only_the_newest_jobs(make_config: ConfigFactory, 
         for job_id in kept:
             assert lines_of(await follow(client, job_id)) == ["hello", "world"]
         files = {path.name for path in (config.server.data_dir / "jobs").iterdir()}
-        assert files == {f"{job_id}.{ext}" for job_id in kept for ext in ("json", "log")}
+        assert files == {f"{job_id}.log" for job_id in kept} | {JOURNAL}
 
     await check(client)
     await client.close()
@@ -267,9 +269,12 @@ async def test_a_torn_log_tail_and_half_written_records_do_not_stop_a_restart(
     size = log_path.stat().st_size
     with log_path.open("ab") as file:
         file.write(TORN_FRAME)
+    with (jobs_dir / JOURNAL).open("ab") as journal:
+        journal.write(b'{"job_id": "' + str(uuid.uuid4()).encode() + b'", "tool_id": "li')  # a torn last record
+    # and what a crash leaves of the older layout (a record per file, written aside then renamed)
     tmp_record = jobs_dir / f"{uuid.uuid4()}.json.tmp"
     tmp_record.write_bytes(b'{"jobId": "' + str(uuid.uuid4()).encode() + b'", "toolId": "li')
-    (jobs_dir / f"{uuid.uuid4()}.json").write_bytes(b'{"jobId": "half a rec')  # not even renamed into place
+    (jobs_dir / f"{uuid.uuid4()}.json").write_bytes(b'{"jobId": "half a rec')
 
     client = await start(config)
     assert without_duration(await job_of(client, job_id)) == without_duration(job)
@@ -289,7 +294,7 @@ def test_a_store_records_a_job_and_its_log(tmp_path: Path) -> None:
     store = JobStore(tmp_path, 10)
     assert store.recover() == []
     job = store.add("tool", "proj")
-    record = json.loads((tmp_path / "jobs" / f"{job.job_id}.json").read_text())
+    record = record_of(tmp_path / "jobs", job.job_id)
     assert record["job_id"] == job.job_id and record["status"] == "queued"
     assert (tmp_path / "jobs" / f"{job.job_id}.log").read_bytes() == b""
     assert store.get(job.job_id) is job
@@ -322,7 +327,7 @@ def test_recover_returns_queued_jobs_and_ends_running_ones_as_lost(tmp_path: Pat
     kinds = [kind for _, kind, _ in again.log(running.job_id).events()]
     assert kinds == ["status", "output", "status", "error"]
     assert again.log(running.job_id).finished
-    record = json.loads((tmp_path / "jobs" / f"{running.job_id}.json").read_text())
+    record = record_of(tmp_path / "jobs", running.job_id)
     assert record["status"] == "lost"
     again.close()
 
@@ -370,8 +375,50 @@ def test_prune_removes_the_oldest_finished_jobs_with_their_files(tmp_path: Path)
         store.finish(job, [])
     assert list(store.jobs) == [job.job_id for job in jobs[2:]]
     names = {path.name for path in (tmp_path / "jobs").iterdir()}
-    assert names == {f"{job.job_id}.{ext}" for job in jobs[2:] for ext in ("json", "log")}
+    assert names == {f"{job.job_id}.log" for job in jobs[2:]} | {JOURNAL}
     store.close()
+
+
+def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
+    store = JobStore(tmp_path, 2)
+    store.recover()
+    for _ in range(50):  # three records each: queued, running, completed
+        job = store.add("t", "p")
+        job.transition(JobStatus.RUNNING)
+        store.save(job)
+        job.transition(JobStatus.COMPLETED)
+        store.finish(job, [])
+    journal = (tmp_path / "jobs" / JOURNAL).read_bytes().splitlines()
+    assert len(journal) <= store_module.COMPACT_FACTOR * 2 + 3  # 150 records were written
+    store.close()
+    again = JobStore(tmp_path, 2)
+    again.recover()
+    assert list(again.jobs) == list(store.jobs)
+    assert [job.status for job in again.jobs.values()] == [JobStatus.COMPLETED] * 2
+    assert len((tmp_path / "jobs" / JOURNAL).read_bytes().splitlines()) == 2  # rewritten at start
+    again.close()
+
+
+def test_a_damaged_line_costs_one_record_and_the_old_layout_is_read_and_replaced(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    first, second = store.add("t", "p"), store.add("t", "p")
+    store.close()
+    jobs_dir = tmp_path / "jobs"
+    lines = (jobs_dir / JOURNAL).read_bytes().splitlines(keepends=True)
+    (jobs_dir / JOURNAL).write_bytes(lines[0][:20] + b"\n" + lines[1])  # the first record damaged mid-file
+    legacy = store.add("t", "p")  # a record as the older layout kept it: a file of its own
+    (jobs_dir / f"{legacy.job_id}.json").write_text(json.dumps(legacy.to_record()))
+
+    again = JobStore(tmp_path, 10)
+    assert [job.job_id for job in again.recover()] == [second.job_id, legacy.job_id]
+    assert first.job_id not in again.jobs
+    assert not list(jobs_dir.glob("*.json"))  # folded into the journal
+    assert record_of(jobs_dir, legacy.job_id)["status"] == "queued"
+    again.close()
 
 
 # --- JobLog -----------------------------------------------------------------------------
