@@ -348,25 +348,34 @@ class Relay:
             self._start(self._relay, client)
 
     def _relay(self, client: socket.socket) -> None:
+        with client:
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=BOUND_S)
+            except OSError:
+                return  # the service is gone: the browser sees the connection close
+            with upstream:
+                upstream.settimeout(None)
+                self._join(client, upstream)
+
+    def _join(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Pass bytes both ways until either side ends; while the relay is cut, wait first."""
         record = Relayed()
-        with client, socket.create_connection(("127.0.0.1", self.upstream_port), timeout=BOUND_S) as upstream:
-            upstream.settimeout(None)
-            while True:  # a connection made while cut waits until the relay lets it through
-                if not self.passing.wait(BOUND_S * 3):
-                    return
-                with self._lock:
-                    if self.closed:
-                        return
-                    if self.passing.is_set():
-                        self.connections.append(record)
-                        self._sockets |= {client, upstream}
-                        break
-            back = threading.Thread(target=self._pump, args=(upstream, client, record.received), daemon=True)
-            back.start()
-            self._pump(client, upstream, record.sent)
-            back.join(BOUND_S)
+        while True:
+            if not self.passing.wait(BOUND_S * 3):
+                return
             with self._lock:
-                self._sockets -= {client, upstream}
+                if self.closed:
+                    return
+                if self.passing.is_set():
+                    self.connections.append(record)
+                    self._sockets |= {client, upstream}
+                    break
+        back = threading.Thread(target=self._pump, args=(upstream, client, record.received), daemon=True)
+        back.start()
+        self._pump(client, upstream, record.sent)
+        back.join(BOUND_S)
+        with self._lock:
+            self._sockets -= {client, upstream}
 
     def _pump(self, source: socket.socket, sink: socket.socket, record: bytearray) -> None:
         try:
