@@ -147,21 +147,29 @@ class UploadedProjects:
         await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
-        self.tmp_dir.mkdir(exist_ok=True)
-        for folder in sorted(self.dir.iterdir()):
-            if not UPLOAD_ID.fullmatch(folder.name):
-                continue
-            try:
-                meta = json.loads((folder / META).read_bytes())
-                upload = Upload(folder.name, meta["fileCount"], meta["bytes"], meta["createdAt"], meta["createdAt"])
-                upload.last_used_at = max(upload.created_at, (folder / META).stat().st_mtime)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("removing uploaded project %s: unreadable %s: %s", folder.name, META, exc)
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            self._index[upload.project_id] = upload
+        try:
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(exist_ok=True)
+            leftovers, folders = list(self.tmp_dir.iterdir()), sorted(self.dir.iterdir())
+        except OSError as exc:  # uploads then fail with 503; jobs on configured projects still run
+            log.error("uploaded projects are unavailable: %s", exc)
+            return
+        for leftover in leftovers:  # what a crash left mid-upload or mid-removal
+            _remove(leftover)
+        for folder in folders:
+            if UPLOAD_ID.fullmatch(folder.name):
+                self._adopt(folder)
+
+    def _adopt(self, folder: Path) -> None:
+        try:
+            meta = json.loads((folder / META).read_bytes())
+            upload = Upload(folder.name, meta["fileCount"], meta["bytes"], meta["createdAt"], meta["createdAt"])
+            upload.last_used_at = max(upload.created_at, (folder / META).stat().st_mtime)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("removing uploaded project %s: unreadable %s: %s", folder.name, META, exc)
+            _remove(folder)
+            return
+        self._index[upload.project_id] = upload
 
     def resolve(self, project_id: str) -> Path:
         if project_id not in self._index:
@@ -308,3 +316,12 @@ async def _in_thread(work: Callable[..., Upload], *args: Any) -> Upload:
 
 async def _discard(path: Path) -> None:
     await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree, as far as possible (blocking)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()

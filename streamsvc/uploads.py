@@ -144,6 +144,8 @@ async def _write(read: Callable[[int], Awaitable[bytes]], path: Path, max_bytes:
                     data, batch = bytes(batch), bytearray()
                     await asyncio.to_thread(out.write, data)
             await asyncio.to_thread(out.write, bytes(batch))
+    except ConnectionError:  # the client went away: no fault of the disk
+        raise
     except OSError as exc:
         raise StorageError(f"cannot store the upload: {exc.strerror}") from None
     return size

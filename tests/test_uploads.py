@@ -276,6 +276,20 @@ async def test_a_malformed_multipart_body_is_400(
     assert tree(data_dir(client)) == before
 
 
+async def test_archives_with_a_prefix_or_a_comment_are_read_as_zip_tools_read_them(
+    config_of: Any, start: ClientFactory
+) -> None:
+    """A self-extracting stub before the archive, or a comment after it, shift where its directory is."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.comment = b"made by a test"
+        archive.writestr("src/main.py", 'print("hello from an upload")\n')
+    client = await start(config_of())
+    for body in (b"#!/bin/sh\nexit 0\n" + good_zip(), buffer.getvalue()):
+        created = await upload(client, body)
+        assert await run_tool(client, "main", created["projectId"]) == ["hello from an upload"]
+
+
 async def test_an_upload_bigger_than_the_json_limit_streams_to_disk(config_of: Any, start: ClientFactory) -> None:
     client = await start(config_of())
     content = os.urandom(5 * MIB)
