@@ -13,7 +13,8 @@
   /** a busy log is laid out at most this often (each batch costs a layout of the whole log) */
   const FLUSH_EVERY_MS = 50;
   const QUEUE_POLL_MS = 1000;
-  const TICK_MS = 1000;
+  /** how often a running job's duration is redrawn (it shows tenths of a second) */
+  const TICK_MS = 200;
   const JOBS_SHOWN = 50;
   /** how close to the bottom (px) still counts as "at the bottom" for auto-scroll */
   const BOTTOM_SLACK_PX = 40;
