@@ -37,6 +37,8 @@ UPLOADS_RETRY_AFTER_S = 2
 STOP_BOUND_S = 10.0
 #: the sweeper's period is a quarter of `upload_ttl_s`, within these bounds
 SWEEP_MIN_S, SWEEP_MAX_S = 0.05, 30.0
+#: random ids tried for a new upload before giving up
+ID_ATTEMPTS = 10
 META = "meta.json"
 FILES = "files"
 
@@ -189,8 +191,8 @@ class UploadedProjects:
         nothing left on disk) when the archive is; at most `MAX_ACTIVE_UPLOADS` at once."""
         if self._active >= MAX_ACTIVE_UPLOADS:
             raise TooManyUploads(self._active, UPLOADS_RETRY_AFTER_S)
-        self._active += 1
         project_id = self._new_id()
+        self._active += 1
         archive, stage = self.tmp_dir / f"{project_id}.zip", self.tmp_dir / project_id
         try:
             await write_archive(archive)
@@ -281,10 +283,11 @@ class UploadedProjects:
         return trash
 
     def _new_id(self) -> str:
-        while True:  # 48 random bits: a clash is all but impossible, and each retry halves its odds again
+        for _ in range(ID_ATTEMPTS):  # 48 random bits: even one clash is all but impossible
             project_id = f"up-{secrets.token_hex(6)}"
             if project_id not in self._index and not (self.dir / project_id).exists():
                 return project_id
+        raise StorageError(f"no free project id in {ID_ATTEMPTS} attempts")  # pragma: no cover - 2**-480
 
 
 def _folder_in(parent: Path, name: str, project_id: str) -> Path:

@@ -38,6 +38,8 @@ from conftest import (
     submit,
     wait_job,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamsvc.api import UPLOADS
 from streamsvc.config import Config, UploadsConfig
@@ -635,6 +637,18 @@ def test_a_lying_header_never_yields_more_than_it_declares() -> None:
 def test_unsafe_names(name: str) -> None:
     with pytest.raises(UnsafePath):
         safe_parts(name)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.sampled_from("a./\\:C\0\n") | st.characters(), max_size=12))
+def test_any_name_is_refused_or_stays_in_its_folder(name: str) -> None:
+    try:
+        parts = safe_parts(name)
+    except UnsafePath:
+        return
+    assert all(part not in ("", ".", "..") and not {"/", "\\", "\0"} & set(part) for part in parts)
+    root = "/srv/project"
+    assert os.path.normpath(os.path.join(root, *parts)).startswith(root + "/")
 
 
 @pytest.mark.parametrize(
