@@ -37,8 +37,9 @@ CONNECT_BATCH = 100
 #: a job's stream on which nothing arrives for this long counts as lost (the Node seed drops
 #: the `complete` of a job that ended before its subscriber connected, and never ends it)
 LOST_IDLE_S = 5.0
-#: once some stream has seen its job complete, a stream that received nothing for this long is
-#: given up (the Node seed serves one subscriber per job; the others never get a byte)
+#: once some stream has seen its job complete, a stream that has not had a line yet is given
+#: up after this long without a byte (the Node seed serves one subscriber per job: the others
+#: never get one), and one that has had lines after LOST_IDLE_S (a busy service lags)
 ENDED_IDLE_S = 1.0
 READ_BUFSIZE = 1 << 20
 
@@ -234,7 +235,8 @@ async def _watch(followers: Sequence[_Follower], tasks: Sequence[asyncio.Task[No
             continue
         now = time.monotonic()
         for follower, task in zip(followers, tasks, strict=True):
-            if not task.done() and now - follower.last_rx > ENDED_IDLE_S:
+            allowed = LOST_IDLE_S if follower.check.result.lines else ENDED_IDLE_S
+            if not task.done() and now - follower.last_rx > allowed:
                 task.cancel()
 
 
