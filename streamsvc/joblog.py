@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import json
 import os
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from json.encoder import encode_basestring as _json_string
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +33,16 @@ LOAD_CHUNK_BYTES = 1024 * 1024
 def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {seq}\nevent: {kind}\ndata: {payload}\n\n".encode()
+
+
+def encode_output(seq: int, stream: str, line: str, timestamp: int) -> bytes:
+    """`encode_frame(seq, "output", {"line", "stream", "timestamp", "seq"})`, byte for byte,
+    at a fifth of the cost: the one string is escaped by json's C escaper, the rest is a
+    template (`stream` is "stdout" or "stderr"). The hot path: one call per line."""
+    return (
+        f'id: {seq}\nevent: output\ndata: {{"line":{_json_string(line)},"stream":"{stream}",'
+        f'"timestamp":{timestamp},"seq":{seq}}}\n\n'
+    ).encode()
 
 
 def parse_frames(blob: bytes) -> Iterator[tuple[int, str, dict[str, Any]]]:
@@ -124,22 +136,29 @@ class JobLog:
         the file is cut back to its last whole frame and OSError is raised, nothing stored.
         `durable=False` keeps the events in memory only (the file can no longer be written,
         but the job's end must still reach its subscribers)."""
+        seq = self.last_seq
+        frames = []
+        terminal = False
+        for kind, data in events:
+            seq += 1
+            frames.append(encode_frame(seq, kind, data | {"seq": seq} if kind == "output" else data))
+            terminal = terminal or kind in TERMINAL
+        self._store(frames, terminal, durable)
+
+    def extend_output(self, lines: Sequence[tuple[str, str]], timestamp: int) -> None:
+        """Store a batch of output lines, (stream, line) each, as `output` events."""
+        first = self.last_seq + 1
+        frames = [encode_output(seq, stream, line, timestamp) for seq, (stream, line) in enumerate(lines, first)]
+        self._store(frames, terminal=False, durable=True)
+
+    def _store(self, frames: list[bytes], terminal: bool, durable: bool) -> None:
         if self._finished:
             raise RuntimeError(f"{self.path.name}: the log has ended")
         if durable and self._fd is None:  # opened at the first write: a queued job holds no fd
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        seq = self.last_seq
-        end = self._ends[-1]
-        frames = []
-        ends = array("q")
-        terminal = False
-        for kind, data in events:
-            seq += 1
-            frame = encode_frame(seq, kind, data | {"seq": seq} if kind == "output" else data)
-            frames.append(frame)
-            end += len(frame)
-            ends.append(end)
-            terminal = terminal or kind in TERMINAL
+        ends = array("q", itertools.accumulate(map(len, frames), initial=self._ends[-1]))
+        del ends[0]
+        end = ends[-1] if ends else self._ends[-1]
         blob = b"".join(frames)
         if durable and self._fd is not None:
             try:

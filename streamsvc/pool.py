@@ -179,10 +179,7 @@ class WorkerPool:
         tail: deque[str] = deque(maxlen=tool.limits.max_result_lines if tool else 0)
 
         def sink(batch: Sequence[tuple[str, str]]) -> None:
-            timestamp = now_ms()
-            joblog.extend(
-                ("output", {"line": line, "stream": stream, "timestamp": timestamp}) for stream, line in batch
-            )
+            joblog.extend_output(batch, now_ms())
             job.output_lines += len(batch)
             tail.extend(line for _, line in batch)
 

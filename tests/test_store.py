@@ -27,13 +27,15 @@ from conftest import (
     submit,
     wait_job,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamsvc import joblog as joblog_module
 from streamsvc import store as store_module
 from streamsvc.api import STORE
 from streamsvc.config import Config
 from streamsvc.errors import UnknownJob
-from streamsvc.joblog import JobLog, encode_frame, parse_frames
+from streamsvc.joblog import JobLog, encode_frame, encode_output, parse_frames
 from streamsvc.models import JobStatus
 from streamsvc.runner import MIN_LINE_CHARGE
 from streamsvc.store import JOURNAL, JobStore
@@ -422,6 +424,14 @@ def test_a_damaged_line_costs_one_record_and_the_old_layout_is_read_and_replaced
 
 
 # --- JobLog -----------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=st.text(), seq=st.integers(1, 10**12), stream=st.sampled_from(["stdout", "stderr"]))
+def test_the_fast_output_encoder_writes_exactly_what_the_general_one_does(line: str, seq: int, stream: str) -> None:
+    data = {"line": line, "stream": stream, "timestamp": 1764000000000, "seq": seq}
+    assert encode_output(seq, stream, line, 1764000000000) == encode_frame(seq, "output", data)
+    assert list(parse_frames(encode_output(seq, stream, line, 1764000000000))) == [(seq, "output", data)]
 
 
 def test_events_are_numbered_from_one_and_stored_as_frames(tmp_path: Path) -> None:
