@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import os
 import shutil
 import signal
@@ -177,8 +178,8 @@ class Run:
         max_line = self.spec.limits.max_line_bytes
         partial = b""
         while chunk := await stream.read(READ_CHUNK_BYTES):
-            *complete, partial = (partial + chunk).split(b"\n")
-            lines = [line.removesuffix(b"\r") for line in complete]
+            # "\r\n" ends a line like "\n"; joined first, so a pair cut between reads still counts
+            *lines, partial = (partial + chunk).replace(b"\r\n", b"\n").split(b"\n")
             # an unfinished line is cut only where a finished one would be: a "\r" at its
             # end may yet be part of "\r\n", so it does not count
             while len(partial.removesuffix(b"\r")) > max_line:
@@ -189,8 +190,23 @@ class Run:
             self._emit(name, [partial])
 
     def _emit(self, name: str, raw_lines: list[bytes]) -> None:
-        if self._truncated:
+        if self._truncated or not raw_lines:
             return  # over the cap: the rest is drained and dropped while the tree is killed
+        limits = self.spec.limits
+        lengths = list(map(len, raw_lines))
+        charge = sum(length if length > MIN_LINE_CHARGE - 1 else MIN_LINE_CHARGE - 1 for length in lengths)
+        charge += len(lengths)  # a line costs its bytes and its newline, at least MIN_LINE_CHARGE
+        if max(lengths) <= limits.max_line_bytes and self._charged + charge <= limits.max_output_bytes:
+            # the common case, in bulk: UTF-8 resynchronises at "\n", so one decode equals one per line
+            self._charged += charge
+            self.output_bytes += sum(lengths) + len(lengths)
+            text = b"\n".join(raw_lines).decode("utf-8", "replace").split("\n")
+            self._sink(list(zip(itertools.repeat(name), text)))
+        else:
+            self._emit_each(name, raw_lines)
+
+    def _emit_each(self, name: str, raw_lines: list[bytes]) -> None:
+        """Line by line: long lines split, the output cap applied where it falls."""
         max_line = self.spec.limits.max_line_bytes
         cap = self.spec.limits.max_output_bytes
         batch = []
@@ -205,6 +221,9 @@ class Run:
                 batch.append((name, piece.decode("utf-8", "replace")))
             if self._truncated:
                 break
+        self._sink(batch)
+
+    def _sink(self, batch: list[tuple[str, str]]) -> None:
         if batch:
             try:
                 self.sink(batch)
