@@ -7,9 +7,10 @@
 
 Everything runs on 127.0.0.1, bounded in count and time; each scenario gets a freshly started
 service (and Node seed, when node and npm are present), and prints one JSON line per service
-and a human line. The jobs run `scripts/bench_tool.py`, whose lines begin with their own print
-time (`time.time_ns()`): latency is receive time minus print time. The tool waits at a gate
-until every subscriber is connected (the seed drops output nobody is subscribed to yet).
+and a human line. The jobs run the bench tool (`scripts/bench_tool.c` built with cc, else
+`scripts/bench_tool.py`: the same bytes), whose lines begin with their own print time
+(`time.time_ns()`): latency is receive time minus print time. The tool waits at a gate until
+every subscriber is connected (the seed drops output nobody is subscribed to yet).
 
 - throughput: one job, 200,000 lines of 100 B flat out, one subscriber: lines/s end to end
   (gate release to the last line received); every line must arrive, in order.
@@ -17,7 +18,7 @@ until every subscriber is connected (the seed drops output nobody is subscribed 
 - fanout: one job, 10,000 lines at 5,000 lines/s, 200 subscribers: how many got every line,
   delivered events/s, p99 latency (of the lines in every 10th chunk a subscriber reads).
 - jobrate: 500 jobs of `true`, 16 clients each submitting one and following it over SSE to
-  `complete`: jobs/s, p50/p99 submit to complete, lost (no `complete` and a quiet stream for 1 s).
+  `complete`: jobs/s, p50/p99 submit to complete, lost (no `complete` and a quiet stream for 5 s).
 - idle: 2,000 streams open on one running job: the service's RSS per stream (VmRSS after minus
   before, over the count).
 - ceilings: the same tool through a plain pipe into a Python reader (lines/s; p99 of 50 paced
@@ -29,7 +30,8 @@ until every subscriber is connected (the seed drops output nobody is subscribed 
 The client side reads in bulk (aiohttp, each chunk cut at its last newline and parsed with a
 few regular expressions) in worker processes: one for up to 50 streams, up to --client-procs
 for more (see scripts/bench_client.py), each reporting its CPU time beside the service's, so
-a reader sees which side was busy. On a shared machine the figures are noisy: compare runs.
+a reader sees which side was busy. On a shared machine the figures are noisy: compare runs,
+and the service's CPU per line and per job (steadier). Results: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

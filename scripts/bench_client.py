@@ -8,7 +8,7 @@ report can show whether the client or the service was the busy one.
 
 A stream is parsed in bulk, never event by event: each received chunk, cut at its last
 newline, goes through a few compiled regular expressions (C code) that pull out the numbers
-the bench tool put at the start of each line (`scripts/bench_tool.py`). This reads both the
+the bench tool put at the start of each line (`scripts/bench_tool.c`). This reads both the
 streamsvc frames (`id: 7\\nevent: output\\ndata: {"line":"…",…}`) and the Node seed's
 (`event:output\\nid:…\\ndata:{"line":"…",…}`), since both put the line first in the data.
 """
@@ -306,9 +306,11 @@ async def _submit_and_follow(session: aiohttp.ClientSession, work: JobsWork, err
             job_id = (await response.json())["data"]["jobId"]
         timeout = aiohttp.ClientTimeout(sock_read=LOST_IDLE_S)
         async with session.get(f"{work.base}/api/stream/{job_id}", timeout=timeout) as response:
+            tail = b""  # the end of the previous chunk: `event: complete` may straddle two
             while chunk := await response.content.readany():
-                if _COMPLETE.search(chunk):  # its frame is short: the line never straddles two chunks
+                if _COMPLETE.search(tail + chunk[:32]) or _COMPLETE.search(chunk):
                     return submitted, time.time_ns()
+                tail = chunk[-32:]
     except (TimeoutError, aiohttp.ServerTimeoutError):
         pass  # lost: the stream went quiet without a `complete`
     except (aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
