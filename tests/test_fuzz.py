@@ -1061,7 +1061,10 @@ def test_schemathesis(case: Case[Any], live_process: LiveProcess) -> None:
 def test_schemathesis_stateful(live_process: LiveProcess) -> None:
     """Sequences of calls linked by the answers (Location, ids): execute, then read, follow, cancel."""
 
-    class Machine(SCHEMA.as_state_machine()):  # type: ignore[misc]
+    # uploads leave state behind (projects) that makes replays draw differently; they are fuzzed per operation
+    stateless = SCHEMA.exclude(operation_id=["uploadProject", "deleteProject"])
+
+    class Machine(stateless.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: Case[Any]) -> dict[str, Any]:
             return {"base_url": live_process.url}
 
