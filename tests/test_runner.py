@@ -353,7 +353,18 @@ async def test_timeout_terminates_the_tool_and_its_grandchild(
     make_config: ConfigFactory, start: ClientFactory, reaper: Reaper, tmp_path: Path
 ) -> None:
     term_file = tmp_path / "grandchild-got-sigterm"
-    tool = py_tool(spawner("time.sleep(60)", term_file=str(term_file)), timeout_s=2.0, kill_grace_s=0.2)
+    # On SIGTERM the tool waits for its grandchild, then dies of SIGTERM: the service kills
+    # the group the moment the tool is gone, so a grandchild still writing would be cut short.
+    then = """
+        def on_term(signum, frame):
+            child.wait()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, on_term)
+        time.sleep(60)
+    """
+    tool = py_tool(spawner(then, term_file=str(term_file)), timeout_s=2.0, kill_grace_s=5.0)
     done = await run(start, make_config, tool)
 
     result = done.result
@@ -413,7 +424,7 @@ async def test_cancel_of_a_running_job_ends_its_whole_group(
         print("ready", flush=True)
         time.sleep(60)
     """
-    tool = py_tool(spawner(then, term_file=str(term_file)), timeout_s=60, kill_grace_s=0.2)
+    tool = py_tool(spawner(then, term_file=str(term_file)), timeout_s=60, kill_grace_s=1.0)
     client = await start(make_config({"t": tool}))
     job_id = await submit(client, "t")
     answers: list[int] = []
