@@ -539,15 +539,8 @@ async def test_bad_arguments_exit_2(args: list[str], message: str) -> None:
 # --- upload ----------------------------------------------------------------------------------
 
 
-async def upload_route_missing(server: Server) -> bool:
-    async with session() as http, http.post(f"{server.url}/api/projects", data=b"") as response:
-        return response.status in (404, 405)
-
-
 async def test_upload_prints_the_new_project_id_and_the_project_runs(serve: Any, tmp_path: Path) -> None:
     server = await serve()
-    if await upload_route_missing(server):
-        pytest.skip("POST /api/projects is not served yet (404/405)")
     archive = tmp_path / "up.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("hello.py", "print('hello from the zip')\n")
@@ -563,8 +556,6 @@ async def test_upload_prints_the_new_project_id_and_the_project_runs(serve: Any,
 
 async def test_upload_of_a_bad_zip_exits_2_with_the_services_message(serve: Any, tmp_path: Path) -> None:
     server = await serve()
-    if await upload_route_missing(server):
-        pytest.skip("POST /api/projects is not served yet (404/405)")
     archive = tmp_path / "bad.zip"
     archive.write_bytes(b"this is not a zip")
     done = await cli("upload", str(archive), "--url", server.url)
