@@ -193,7 +193,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     session = Session(job_id, response, joblog, cursor)
     with request.app[REGISTRY].open(session):
         async with response:
-            await session.serve(config.server.retry_ms, config.server.stream_stall_s)
+            await session.serve(config.server.retry_ms)
     return response
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -31,12 +31,15 @@ from .registry import SessionRegistry
 from .store import JobStore
 from .webui import routes as page_routes
 
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID to resume"
 
 
 def server_options() -> dict[str, Any]:
     """The access log of the HTTP server around the app (`web.run_app`, test servers):
-    one line per request, secrets hidden."""
+    one line per request, secrets hidden. The server must also cancel a handler when its
+    client leaves (`handler_cancellation=True`, as aiohttp's test server does): that is
+    how a stream's session learns that its subscriber is gone."""
     return {"access_log_class": AccessLogger, "access_log": logging.getLogger("aiohttp.access")}
 
 
@@ -57,13 +60,15 @@ def create_app(config: Config) -> web.Application:
     metrics = Metrics()
     app[METRICS] = metrics
     app[POOL] = WorkerPool(config, store, projects, metrics)
-    app[REGISTRY] = SessionRegistry()
+    app[REGISTRY] = SessionRegistry(config.server.stream_stall_s)
     metrics.watch(app[POOL], app[REGISTRY])
     app.add_routes(routes)
     app.add_routes(page_routes)
     app.cleanup_ctx.append(_uploads_lifetime)  # before the pool: a recovered job may run on an upload
     app.cleanup_ctx.append(_pool_lifetime)
-    app.cleanup_ctx.append(_sweeper_lifetime)  # after the pool: recovered jobs keep their projects
+    # after the pool: recovered jobs keep their projects
+    app.cleanup_ctx.append(_background("upload-sweeper", uploaded.sweep_forever))
+    app.cleanup_ctx.append(_background("stall-sweep", app[REGISTRY].sweep_stalls))
     app.on_shutdown.append(_close_streams)
     return app
 
@@ -80,11 +85,16 @@ async def _uploads_lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-async def _sweeper_lifetime(app: web.Application) -> AsyncIterator[None]:
-    sweeper = asyncio.create_task(app[UPLOADS].sweep_forever(), name="upload-sweeper")
-    yield
-    sweeper.cancel()
-    await asyncio.gather(sweeper, return_exceptions=True)
+def _background(name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> CleanupContext:
+    """A cleanup context running `work()` as a task while the app runs."""
+
+    async def lifetime(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(work(), name=name)
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    return lifetime
 
 
 async def _close_streams(app: web.Application) -> None:

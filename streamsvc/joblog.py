@@ -28,6 +28,8 @@ TERMINAL = frozenset({"complete", "error"})
 MEMORY_WINDOW_BYTES = 4 * 1024 * 1024
 #: how much of a log file is read at once when it is loaded
 LOAD_CHUNK_BYTES = 1024 * 1024
+#: waiters of readers that left are dropped when the list has grown by this much (at least)
+WAITERS_PRUNE_SLACK = 64
 
 
 def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -70,6 +72,8 @@ class EventLog(Protocol):
 
     def changed(self) -> asyncio.Future[None]: ...
 
+    def wake(self) -> None: ...
+
 
 class JobLog:
     """The in-process `EventLog`: an append-only file plus a window of it in memory."""
@@ -84,7 +88,9 @@ class JobLog:
         self._durable_end = ends[-1]
         self._finished = finished
         self._fd: int | None = None
-        self._changed: asyncio.Future[None] | None = None
+        #: the readers waiting for the next append, each on a future of its own
+        self._waiters: list[asyncio.Future[None]] = []
+        self._prune_waiters_at = WAITERS_PRUNE_SLACK
 
     @classmethod
     def create(cls, path: Path) -> JobLog:
@@ -172,7 +178,7 @@ class JobLog:
         self._remember(blob)
         if terminal:
             self._finish()
-        self._wake()
+        self.wake()
 
     def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]:
         """The frames after `seq`, at most about `max_bytes` (at least one), and the new cursor."""
@@ -197,12 +203,18 @@ class JobLog:
         return head + bytes(self._window[max(start - window_start, 0) : stop - window_start])
 
     def changed(self) -> asyncio.Future[None]:
-        """A future that resolves at the next append (or when the log is finished)."""
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-            if self._finished:
-                self._changed.set_result(None)
-        return self._changed
+        """A future of the caller's own that resolves at the next append (at once when the
+        log is finished). Each reader gets its own, so a reader that is cancelled while it
+        waits (its client left) cancels nothing of the others'."""
+        future = asyncio.get_running_loop().create_future()
+        if self._finished:
+            future.set_result(None)
+            return future
+        if len(self._waiters) >= self._prune_waiters_at:  # readers that left before an append
+            self._waiters = [waiter for waiter in self._waiters if not waiter.done()]
+            self._prune_waiters_at = 2 * len(self._waiters) + WAITERS_PRUNE_SLACK
+        self._waiters.append(future)
+        return future
 
     def output_lines(self) -> Iterator[str]:
         """Every output line in order (for the plain-text log)."""
@@ -245,11 +257,12 @@ class JobLog:
         self._finished = True
         self.close()
 
-    def _wake(self) -> None:
-        if self._changed is not None:
-            if not self._changed.done():
-                self._changed.set_result(None)
-            self._changed = None
+    def wake(self) -> None:
+        """Resolve every `changed()` future: at an append, or when a reader must look again."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 def _write_all(fd: int, blob: bytes) -> None:

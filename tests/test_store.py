@@ -554,10 +554,11 @@ def test_create_replaces_an_existing_file(tmp_path: Path) -> None:
 
 async def test_changed_resolves_on_append_and_once_finished(tmp_path: Path) -> None:
     log = JobLog.create(tmp_path / "a.log")
-    first = log.changed()
-    assert not first.done() and log.changed() is first
+    first, other, gone = log.changed(), log.changed(), log.changed()
+    gone.cancel()  # a reader whose client left: the others still wait, and are woken
+    assert not first.done() and not other.done()
     log.append("status", {"status": "running", "timestamp": 1})
-    assert first.done()
+    assert first.done() and other.done() and not first.cancelled() and not other.cancelled()
     second = log.changed()
     assert not second.done()
     log.append("complete", {"status": "completed"})
