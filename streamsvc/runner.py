@@ -21,7 +21,6 @@ from .config import Limits
 from .models import JobStatus
 from .sandbox import Jail, Sandbox
 
-READ_CHUNK_BYTES = 256 * 1024
 #: a line counts at least this much against max_output_bytes, so that a flood of empty
 #: lines (each an event of ~90 bytes in the log) cannot grow a log far past the cap
 MIN_LINE_CHARGE = 16
@@ -118,16 +117,12 @@ class Run:
         except (OSError, subprocess.SubprocessError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             return Outcome(JobStatus.FAILED, error=f"cannot start {self.spec.argv[0]!r}: {reason}")
-        async with _exit_of(child) as exited, _Pipes(child) as (stdout, stderr):
-            pumps = [
-                asyncio.create_task(self._pump(stdout, "stdout")),
-                asyncio.create_task(self._pump(stderr, "stderr")),
-            ]
+        async with _exit_of(child) as exited, _Pipes(child, self._emit, self.spec.limits.max_line_bytes) as pipes:
             try:
                 await self._supervise(child.pid, exited)
                 self._exited = True
             finally:
-                await self._drain(child.pid, jail, pumps)
+                await self._drain(child.pid, jail, pipes)
         return self._outcome(child.returncode, jail)
 
     async def _supervise(self, pid: int, exited: asyncio.Future[None]) -> None:
@@ -147,14 +142,11 @@ class Run:
                 _signal_group(pid, signal.SIGKILL)
                 await asyncio.wait({exited}, timeout=REAP_BOUND_S)
 
-    async def _drain(self, pid: int, jail: Jail, pumps: list[asyncio.Task[None]]) -> None:
+    async def _drain(self, pid: int, jail: Jail, pipes: _Pipes) -> None:
         """Kill whatever the tool left running (no orphan survives its job), drain the pipes."""
         _signal_group(pid, signal.SIGKILL)
         jail.kill_all()
-        _, pending = await asyncio.wait(pumps, timeout=self.spec.limits.kill_grace_s + 1)
-        for pump in pending:  # a descendant outside our reach still holds a pipe
-            pump.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
+        await pipes.drained(self.spec.limits.kill_grace_s + 1)
 
     def _outcome(self, returncode: int | None, jail: Jail) -> Outcome:
         exit_code = returncode if returncode is not None and returncode >= 0 else None
@@ -172,22 +164,6 @@ class Run:
             else:
                 error = f"exited with status {exit_code}"
         return Outcome(status, exit_code, sig, error, self._truncated)
-
-    async def _pump(self, stream: asyncio.StreamReader, name: str) -> None:
-        """Read a pipe in large chunks and hand complete lines to the sink in batches."""
-        max_line = self.spec.limits.max_line_bytes
-        partial = b""
-        while chunk := await stream.read(READ_CHUNK_BYTES):
-            # "\r\n" ends a line like "\n"; joined first, so a pair cut between reads still counts
-            *lines, partial = (partial + chunk).replace(b"\r\n", b"\n").split(b"\n")
-            # an unfinished line is cut only where a finished one would be: a "\r" at its
-            # end may yet be part of "\r\n", so it does not count
-            while len(partial.removesuffix(b"\r")) > max_line:
-                head, partial = _split_at(partial, max_line)
-                lines.append(head)
-            self._emit(name, lines)
-        if partial:
-            self._emit(name, [partial])
 
     def _emit(self, name: str, raw_lines: list[bytes]) -> None:
         if self._truncated or not raw_lines:
@@ -232,30 +208,67 @@ class Run:
                 self.stop(JobStatus.FAILED, f"cannot write the job log: {exc.strerror}")
 
 
-class _Pipes:
-    """A child's stdout and stderr as stream readers on the loop; closed on exit."""
+class _LineReader(asyncio.Protocol):
+    """One pipe of the tool, split into lines as each read arrives (no task, no buffer
+    between the pipe and the log): complete lines go to `emit` in one batch per read."""
 
-    def __init__(self, child: subprocess.Popen[bytes]) -> None:
+    def __init__(self, name: str, emit: Callable[[str, list[bytes]], None], max_line: int) -> None:
+        self.name = name
+        self.emit = emit
+        self.max_line = max_line
+        self.partial = b""
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, chunk: bytes) -> None:
+        # "\r\n" ends a line like "\n"; joined first, so a pair cut between reads still counts
+        *lines, partial = (self.partial + chunk).replace(b"\r\n", b"\n").split(b"\n")
+        # an unfinished line is cut only where a finished one would be: a "\r" at its
+        # end may yet be part of "\r\n", so it does not count
+        while len(partial.removesuffix(b"\r")) > self.max_line:
+            head, partial = _split_at(partial, self.max_line)
+            lines.append(head)
+        self.partial = partial
+        self.emit(self.name, lines)
+
+    def eof_received(self) -> None:
+        if self.partial:
+            self.emit(self.name, [self.partial])
+            self.partial = b""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _resolve(self.closed)
+
+
+class _Pipes:
+    """A child's stdout and stderr, read on the loop into `emit`; closed on exit."""
+
+    def __init__(self, child: subprocess.Popen[bytes], emit: Callable[[str, list[bytes]], None], max_line: int) -> None:
         self.child = child
+        self.emit = emit
+        self.max_line = max_line
+        self.readers: list[_LineReader] = []
         self.transports: list[asyncio.BaseTransport] = []
 
-    async def __aenter__(self) -> tuple[asyncio.StreamReader, asyncio.StreamReader]:
+    async def __aenter__(self) -> _Pipes:
         loop = asyncio.get_running_loop()
-        readers = []
-        for pipe in (self.child.stdout, self.child.stderr):
+        for name, pipe in (("stdout", self.child.stdout), ("stderr", self.child.stderr)):
             assert pipe is not None
-            reader = asyncio.StreamReader(limit=READ_CHUNK_BYTES)
             try:
-                transport, _ = await loop.connect_read_pipe(
-                    functools.partial(asyncio.StreamReaderProtocol, reader), pipe
+                transport, reader = await loop.connect_read_pipe(
+                    functools.partial(_LineReader, name, self.emit, self.max_line), pipe
                 )
             except BaseException:
                 pipe.close()
                 await self.__aexit__()
                 raise
+            self.readers.append(reader)
             self.transports.append(transport)
-            readers.append(reader)
-        return readers[0], readers[1]
+        return self
+
+    async def drained(self, timeout_s: float) -> None:
+        """Wait until both pipes reach their end; past `timeout_s` a descendant out of our
+        reach still holds one, and it is closed unread."""
+        await asyncio.wait([reader.closed for reader in self.readers], timeout=timeout_s)
 
     async def __aexit__(self, *_: object) -> None:
         for transport in self.transports:
