@@ -146,6 +146,8 @@ class JobStore:
         self.retention_jobs = retention_jobs
         self.max_result_lines = max_result_lines
         self.jobs: dict[str, Job] = {}
+        #: the finished jobs' ids, oldest first (in the order they finished): retention's queue
+        self._finished: dict[str, None] = {}
         self._hot: dict[str, JobLog] = {}
         self._cold: OrderedDict[str, JobLog] = OrderedDict()
         self._journal = RecordJournal(self.dir / JOURNAL)
@@ -169,6 +171,8 @@ class JobStore:
             elif job.status is JobStatus.QUEUED:
                 self._hot[job.job_id] = JobLog.load(self._log_path(job.job_id))
                 queued.append(job)
+            if job.status.finished:
+                self._finished[job.job_id] = None
         self.prune()
         self._compact()
         return queued
@@ -218,6 +222,7 @@ class JobStore:
         end_log(joblog, final_events(job, output))
         if self._hot.pop(job.job_id, None) is not None:
             self._remember(job.job_id, joblog)
+        self._finished[job.job_id] = None
         self.prune()
 
     def get(self, job_id: str) -> Job:
@@ -255,13 +260,13 @@ class JobStore:
                 yield job
 
     def prune(self) -> None:
-        """Keep the newest `retention_jobs` finished jobs; remove older ones, record and log.
-        Queued and running jobs are never removed."""
-        finished = [job for job in self.jobs.values() if job.status.finished]
-        for job in finished[: max(len(finished) - self.retention_jobs, 0)]:
-            del self.jobs[job.job_id]
-            self._cold.pop(job.job_id, None)
-            self._log_path(job.job_id).unlink(missing_ok=True)
+        """Keep the `retention_jobs` jobs that finished last; remove older ones, record and
+        log. Queued and running jobs are never removed."""
+        while len(self._finished) > self.retention_jobs:
+            job_id = next(iter(self._finished))
+            del self._finished[job_id], self.jobs[job_id]
+            self._cold.pop(job_id, None)
+            self._log_path(job_id).unlink(missing_ok=True)
         if self._journal.lines > COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK:
             self._compact()
 
