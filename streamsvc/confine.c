@@ -1,10 +1,13 @@
 /* streamsvc's exec shim: set a tool's resource limits, then become the tool.
  *
- *   confine RESOURCE:SOFT:HARD ... -- PATH ARGV0 [ARG...]
+ *   confine [cgroup:FD ...] RESOURCE:SOFT:HARD ... -- PATH ARGV0 [ARG...]
  *
- * The service spawns it with vfork (no copy of the service) inside the job's cgroups;
- * the limits are in place before the tool's first instruction. It holds no policy:
- * the service computes every number. Exit 126: bad limits; 127: the tool cannot run.
+ * The service spawns it with vfork (no copy of the service). It joins the job's cgroups
+ * through the `cgroup.procs` files the service opened for it (FD: written "0", i.e.
+ * itself, then closed: the tool never holds them), so the tool is born inside them; the
+ * limits are in place before the tool's first instruction. It holds no policy: the
+ * service computes every number. Exit 126: a group or a limit could not be set; 127:
+ * the tool cannot run.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -26,8 +29,29 @@ static int set_limit(const char *spec) {
     return setrlimit((int)which, &limit);
 }
 
+static int join_group(const char *fd_text) {
+    char *end;
+    errno = 0;
+    long fd = strtol(fd_text, &end, 10);
+    if (errno || *end != '\0' || fd < 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    ssize_t written = write((int)fd, "0", 1);
+    int saved = errno;
+    close((int)fd);
+    errno = saved;
+    return written == 1 ? 0 : -1;
+}
+
 int main(int argc, char **argv) {
     int i = 1;
+    for (; i < argc && strncmp(argv[i], "cgroup:", 7) == 0; i++) {
+        if (join_group(argv[i] + 7) != 0) {
+            fprintf(stderr, "streamsvc: cannot join the job's cgroup (%s): %s\n", argv[i], strerror(errno));
+            return 126;
+        }
+    }
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
         if (set_limit(argv[i]) != 0) {
             fprintf(stderr, "streamsvc: cannot set limit %s: %s\n", argv[i], strerror(errno));
@@ -35,7 +59,7 @@ int main(int argc, char **argv) {
         }
     }
     if (i + 2 >= argc) {
-        fputs("usage: confine RESOURCE:SOFT:HARD ... -- PATH ARGV0 [ARG...]\n", stderr);
+        fputs("usage: confine [cgroup:FD ...] RESOURCE:SOFT:HARD ... -- PATH ARGV0 [ARG...]\n", stderr);
         return 126;
     }
     execv(argv[i + 1], argv + i + 2);

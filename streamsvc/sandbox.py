@@ -21,10 +21,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -125,9 +124,9 @@ class Jail:
     def start(self, argv: Sequence[str], cwd: Path, env: dict[str, str], **options: Any) -> subprocess.Popen[bytes]:
         """`subprocess.Popen(argv, ...)`, confined. With a pids group and the exec shim, the
         child is spawned by vfork (no copy of the service: ~10x the spawn rate of a fork
-        that runs Python in the child): the calling thread joins the job's groups for the
-        moment of the spawn, so the child is born inside them, and the shim sets the
-        rlimits before it becomes the tool. Otherwise a forked child confines itself."""
+        that runs Python in the child): the shim joins the job's groups through their
+        `cgroup.procs` files, opened here and handed over, and sets the rlimits, before it
+        becomes the tool. Otherwise a forked child confines itself."""
         if "pids" not in self.groups or self.shim is None:
             confine = self._confine_self
             return subprocess.Popen(argv, cwd=cwd, env=env, preexec_fn=confine, **options)  # noqa: PLW1509
@@ -135,25 +134,16 @@ class Jail:
         limits = [f"{which}:{_rlim(soft)}:{_rlim(hard)}" for which, (soft, hard) in self._rlimits()]
         if self.user is not None:
             options |= {"user": self.user[0], "group": self.user[1], "extra_groups": []}
-        pids = self.groups["pids"]
-        (pids / "pids.max").write_text(str(self.limits.max_processes + 1))  # this thread counts while inside
-        with self._thread_inside():
-            child = subprocess.Popen([str(self.shim), *limits, "--", program, *argv], cwd=cwd, env=env, **options)
-        (pids / "pids.max").write_text(str(self.limits.max_processes))
-        return child
-
-    @contextlib.contextmanager
-    def _thread_inside(self) -> Iterator[None]:
-        """Move this thread (cgroup v1 moves threads one by one) into the job's groups, and back."""
-        tid = str(threading.get_native_id())
-        homes = [group.parent.parent / "tasks" for group in self.groups.values()]
+        procs: list[int] = []
         try:
             for group in self.groups.values():
-                (group / "tasks").write_text(tid)
-            yield
+                procs.append(os.open(group / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC))
+            joins = [f"cgroup:{fd}" for fd in procs]
+            shim = [str(self.shim), *joins, *limits, "--", program, *argv]
+            return subprocess.Popen(shim, cwd=cwd, env=env, pass_fds=procs, **options)
         finally:
-            for home in homes:
-                home.write_text(tid)
+            for fd in procs:
+                os.close(fd)
 
     def _rlimits(self) -> list[tuple[int, tuple[int, int]]]:
         limits = self.limits
