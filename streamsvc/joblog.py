@@ -94,8 +94,8 @@ class JobLog:
 
     @classmethod
     def create(cls, path: Path) -> JobLog:
-        """A new, empty log at `path` (an existing file there is replaced)."""
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        """A new, empty log at `path`. The file is made (an existing one replaced) at the
+        first write: a queued job costs no file and holds no descriptor."""
         return cls(path, array("q", [0]), finished=False)
 
     @classmethod
@@ -161,7 +161,8 @@ class JobLog:
         if self._finished:
             raise RuntimeError(f"{self.path.name}: the log has ended")
         if durable and self._fd is None:  # opened at the first write: a queued job holds no fd
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fresh = os.O_TRUNC if self._durable_end == 0 else 0  # nothing of ours is in it yet
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | fresh, 0o644)
         ends = array("q", itertools.accumulate(map(len, frames), initial=self._ends[-1]))
         del ends[0]
         end = ends[-1] if ends else self._ends[-1]

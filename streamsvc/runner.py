@@ -7,10 +7,8 @@ import contextlib
 import functools
 import itertools
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,17 +89,15 @@ class Run:
             return Outcome(JobStatus.FAILED, error=f"the working folder {self.spec.cwd.name!r} does not exist")
         jail = self.sandbox.jail(self.spec.limits)
         try:
-            home = Path(tempfile.mkdtemp(prefix="streamsvc-home-"))
+            home = self.sandbox.homes.take()
         except OSError as exc:
             await _empty(jail)
             return Outcome(JobStatus.FAILED, error=f"cannot make the job's home folder: {exc.strerror}")
         try:
-            if self.sandbox.user is not None:
-                os.chown(home, *self.sandbox.user)
             return await self._spawn_and_follow(jail, home)
         finally:
             await _empty(jail)
-            await _remove_home(home)
+            await self.sandbox.homes.give_back(home)
 
     async def _spawn_and_follow(self, jail: Jail, home: Path) -> Outcome:
         try:
@@ -330,14 +326,6 @@ def _split_at(raw: bytes, limit: int) -> tuple[bytes, bytes]:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-async def _remove_home(home: Path) -> None:
-    """Remove the job's home: at once when the tool left it empty, else off the loop."""
-    try:
-        os.rmdir(home)  # one syscall: not worth a thread
-    except OSError:
-        await asyncio.to_thread(shutil.rmtree, home, ignore_errors=True)
 
 
 async def _empty(jail: Jail) -> None:

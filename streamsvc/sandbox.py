@@ -9,6 +9,7 @@ limit for the whole tree).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import hashlib
@@ -18,6 +19,7 @@ import pwd
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from attrs import define
+from attrs import Factory, define, field
 
 from .config import Limits
 
@@ -36,6 +38,67 @@ log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory")
+
+
+#: at most this many empty homes are kept for reuse
+MAX_SPARE_HOMES = 256
+
+
+class Homes:
+    """Home folders for jobs (HOME is a fresh, private, empty folder for every job).
+
+    A home the job left exactly as it was handed over (a real folder of the tools' user,
+    mode 0700, empty, no extended attributes or ACLs) is handed to a later job instead of
+    being removed and made again: on ext4 that pair of journaled operations costs ~90 us
+    a job, a look at the folder ~5 us. Anything else is removed."""
+
+    def __init__(self, user: tuple[int, int] | None) -> None:
+        self.user = user
+        self._spare: list[Path] = []
+
+    def take(self) -> Path:
+        """An empty home for a job (OSError when none can be made)."""
+        if self._spare:
+            return self._spare.pop()
+        home = Path(tempfile.mkdtemp(prefix="streamsvc-home-"))
+        if self.user is not None:
+            try:
+                os.chown(home, *self.user)
+            except OSError:
+                os.rmdir(home)
+                raise
+        return home
+
+    async def give_back(self, home: Path) -> None:
+        """Keep `home` for a later job if it is as it was handed over; else remove it
+        (at once when that is one syscall, else off the loop)."""
+        if len(self._spare) < MAX_SPARE_HOMES and self._untouched(home):
+            self._spare.append(home)
+            return
+        try:
+            os.rmdir(home)  # one syscall: not worth a thread
+        except OSError:
+            await asyncio.to_thread(shutil.rmtree, home, ignore_errors=True)
+
+    def _untouched(self, home: Path) -> bool:
+        try:
+            info = os.lstat(home)
+            owner = self.user[0] if self.user is not None else os.geteuid()
+            return (
+                stat.S_ISDIR(info.st_mode)
+                and stat.S_IMODE(info.st_mode) == 0o700
+                and info.st_uid == owner
+                and not os.listdir(home)
+                and not os.listxattr(home, follow_symlinks=False)
+            )
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        for home in self._spare:
+            with contextlib.suppress(OSError):
+                os.rmdir(home)
+        self._spare.clear()
 
 
 @define
@@ -48,6 +111,8 @@ class Sandbox:
     user: tuple[int, int] | None
     #: the exec shim that sets a tool's rlimits (built from confine.c), or None
     shim: Path | None = None
+    #: the jobs' home folders
+    homes: Homes = field(default=Factory(lambda self: Homes(self.user), takes_self=True))
     #: the watchdog that empties the groups if the service dies, and our end of its pipe
     _reaper: subprocess.Popen[bytes] | None = None
     _lifeline: int | None = None
@@ -99,6 +164,7 @@ class Sandbox:
         return Jail(groups, limits, self.user, self.shim)
 
     def close(self) -> None:
+        self.homes.close()
         for parent in self.cgroup_parents.values():
             empty_parent(parent)
         if self._lifeline is not None:

@@ -182,18 +182,11 @@ class JobStore:
         job = Job(job_id=str(uuid.uuid4()), tool_id=tool_id, project_id=project_id, client=client)
         self._check_space()
         try:
-            joblog = JobLog.create(self._log_path(job.job_id))
-        except OSError as exc:
-            raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
-        try:
             self._write(job)
         except OSError as exc:
-            joblog.close()
-            with contextlib.suppress(OSError):
-                self._log_path(job.job_id).unlink(missing_ok=True)
             raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
         self.jobs[job.job_id] = job
-        self._hot[job.job_id] = joblog
+        self._hot[job.job_id] = JobLog.create(self._log_path(job.job_id))
         return job
 
     def _check_space(self) -> None:

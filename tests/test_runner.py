@@ -315,6 +315,36 @@ async def test_environment_is_clean(
     assert not any("hunter2" in line or "/leaked" in line for line in done.lines)
 
 
+async def test_every_job_gets_an_empty_private_home_whatever_the_last_one_left(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    # each job shows its HOME as it found it, then leaves something behind: a file, a
+    # looser mode, nothing at all
+    body = """
+        import os, stat, sys
+        home = os.environ["HOME"]
+        print(home, oct(stat.S_IMODE(os.lstat(home).st_mode)), sorted(os.listdir(home)))
+        if sys.argv[1] == "file":
+            open(os.path.join(home, ".cache"), "w").write("secret")
+        elif sys.argv[1] == "chmod":
+            os.chmod(home, 0o777)
+    """
+    tools = {leaves: py_tool(body, leaves) for leaves in ("file", "chmod", "nothing")}
+    client = await start(make_config(tools, queue={"workers": 1}))
+    seen = []
+    for leaves in ("nothing", "file", "nothing", "chmod", "nothing", "nothing"):
+        events = await follow(client, await submit(client, leaves))
+        assert events[-1].data["status"] == "completed", events[-1].data
+        seen.append(lines_of(events)[0].split(" ", 2))
+        if leaves != "nothing":  # a home a job changed is not handed on: it is gone
+            assert not os.path.exists(seen[-1][0])
+
+    assert all(mode == "0o700" and listing == "[]" for _, mode, listing in seen)
+    homes = [home for home, _, _ in seen]
+    assert homes[1] == homes[0] and homes[5] == homes[4]  # an untouched one is handed on
+    assert len({homes[1], homes[2], homes[3], homes[4]}) == 3  # after a change, a new one
+
+
 async def test_tool_runs_in_its_own_session_and_process_group(make_config: ConfigFactory, start: ClientFactory) -> None:
     done = await run(start, make_config, py_tool("import os; print(os.getpid(), os.getpgid(0), os.getsid(0))"))
     pid, pgid, sid = (int(word) for word in done.lines[0].split())
