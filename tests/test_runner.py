@@ -337,7 +337,7 @@ async def test_every_job_gets_an_empty_private_home_whatever_the_last_one_left(
         assert events[-1].data["status"] == "completed", events[-1].data
         seen.append(lines_of(events)[0].split(" ", 2))
         if leaves != "nothing":  # a home a job changed is not handed on: it is gone
-            assert not os.path.exists(seen[-1][0])
+            assert not await asyncio.to_thread(os.path.exists, seen[-1][0])
 
     assert all(mode == "0o700" and listing == "[]" for _, mode, listing in seen)
     homes = [home for home, _, _ in seen]
