@@ -151,10 +151,10 @@ class JobLog:
             terminal = terminal or kind in TERMINAL
         self._store(frames, terminal, durable)
 
-    def extend_output(self, lines: Sequence[tuple[str, str]], timestamp: int) -> None:
-        """Store a batch of output lines, (stream, line) each, as `output` events."""
+    def extend_output(self, stream: str, lines: Sequence[str], timestamp: int) -> None:
+        """Store a batch of output lines of one stream ("stdout" or "stderr") as `output` events."""
         first = self.last_seq + 1
-        frames = [encode_output(seq, stream, line, timestamp) for seq, (stream, line) in enumerate(lines, first)]
+        frames = [encode_output(seq, stream, line, timestamp) for seq, line in enumerate(lines, first)]
         self._store(frames, terminal=False, durable=True)
 
     def _store(self, frames: list[bytes], terminal: bool, durable: bool) -> None:
@@ -163,10 +163,8 @@ class JobLog:
         if durable and self._fd is None:  # opened at the first write: a queued job holds no fd
             fresh = os.O_TRUNC if self._durable_end == 0 else 0  # nothing of ours is in it yet
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | fresh, 0o644)
-        ends = array("q", itertools.accumulate(map(len, frames), initial=self._ends[-1]))
-        del ends[0]
-        end = ends[-1] if ends else self._ends[-1]
-        blob = b"".join(frames)
+        start = self._ends[-1]
+        blob = frames[0] if len(frames) == 1 else b"".join(frames)
         if durable and self._fd is not None:
             try:
                 _write_all(self._fd, blob)
@@ -174,7 +172,9 @@ class JobLog:
                 with contextlib.suppress(OSError):
                     os.ftruncate(self._fd, self._durable_end)
                 raise
-            self._durable_end = end
+            self._durable_end = start + len(blob)
+        ends = itertools.accumulate(map(len, frames), initial=start)
+        next(ends)  # `start` itself, the end of the last frame stored
         self._ends.extend(ends)
         self._remember(blob)
         if terminal:
@@ -267,6 +267,8 @@ class JobLog:
 
 
 def _write_all(fd: int, blob: bytes) -> None:
-    view = memoryview(blob)
-    while view:
-        view = view[os.write(fd, view) :]
+    written = os.write(fd, blob)  # almost always all of it: a file is not a socket
+    if written < len(blob):
+        view = memoryview(blob)[written:]
+        while view:
+            view = view[os.write(fd, view) :]

@@ -178,10 +178,10 @@ class WorkerPool:
         joblog = self.store.log(job.job_id)
         tail: deque[str] = deque(maxlen=tool.limits.max_result_lines if tool else 0)
 
-        def sink(batch: Sequence[tuple[str, str]]) -> None:
-            joblog.extend_output(batch, now_ms())
-            job.output_lines += len(batch)
-            tail.extend(line for _, line in batch)
+        def sink(stream: str, lines: list[str]) -> None:
+            joblog.extend_output(stream, lines, now_ms())
+            job.output_lines += len(lines)
+            tail.extend(lines)
 
         job.transition(JobStatus.RUNNING)
         self.store.save(job)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ MIN_LINE_CHARGE = 16
 REAP_BOUND_S = 10.0
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-#: a batch of output: (stream name, line) in arrival order
-Sink = Callable[[Sequence[tuple[str, str]]], None]
+#: takes a batch of output lines of one stream ("stdout" or "stderr"), in arrival order
+Sink = Callable[[str, list[str]], None]
 
 
 @frozen
@@ -166,14 +165,16 @@ class Run:
             return  # over the cap: the rest is drained and dropped while the tree is killed
         limits = self.spec.limits
         lengths = list(map(len, raw_lines))
-        charge = sum(length if length > MIN_LINE_CHARGE - 1 else MIN_LINE_CHARGE - 1 for length in lengths)
-        charge += len(lengths)  # a line costs its bytes and its newline, at least MIN_LINE_CHARGE
+        size, count = sum(lengths), len(lengths)
+        # a line costs its bytes and its newline, at least MIN_LINE_CHARGE
+        charge = size + count
+        if min(lengths) < MIN_LINE_CHARGE - 1:
+            charge = sum(max(length + 1, MIN_LINE_CHARGE) for length in lengths)
         if max(lengths) <= limits.max_line_bytes and self._charged + charge <= limits.max_output_bytes:
             # the common case, in bulk: UTF-8 resynchronises at "\n", so one decode equals one per line
             self._charged += charge
-            self.output_bytes += sum(lengths) + len(lengths)
-            text = b"\n".join(raw_lines).decode("utf-8", "replace").split("\n")
-            self._sink(list(zip(itertools.repeat(name), text)))
+            self.output_bytes += size + count
+            self._sink(name, b"\n".join(raw_lines).decode("utf-8", "replace").split("\n"))
         else:
             self._emit_each(name, raw_lines)
 
@@ -181,7 +182,7 @@ class Run:
         """Line by line: long lines split, the output cap applied where it falls."""
         max_line = self.spec.limits.max_line_bytes
         cap = self.spec.limits.max_output_bytes
-        batch = []
+        lines = []
         for raw in raw_lines:
             for piece in _pieces(raw, max_line):
                 self._charged += max(len(piece) + 1, MIN_LINE_CHARGE)
@@ -190,15 +191,15 @@ class Run:
                     self.stop(JobStatus.FAILED, f"output exceeded max_output_bytes ({cap} bytes); the job was stopped")
                     break
                 self.output_bytes += len(piece) + 1
-                batch.append((name, piece.decode("utf-8", "replace")))
+                lines.append(piece.decode("utf-8", "replace"))
             if self._truncated:
                 break
-        self._sink(batch)
+        self._sink(name, lines)
 
-    def _sink(self, batch: list[tuple[str, str]]) -> None:
-        if batch:
+    def _sink(self, name: str, lines: list[str]) -> None:
+        if lines:
             try:
-                self.sink(batch)
+                self.sink(name, lines)
             except OSError as exc:
                 self._truncated = True
                 self.stop(JobStatus.FAILED, f"cannot write the job log: {exc.strerror}")
