@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
-from .registry import Session, SessionRegistry, make_response
+from .registry import Session, SessionRegistry, SessionResponse
 from .store import JobStore
 from .uploads import spool
 
@@ -188,12 +188,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
     tool = config.tools.get(store.get(job_id).tool_id)
     heartbeat_s = (tool.limits if tool else config.limits).heartbeat_s
     joblog = await store.open_log(job_id)
-    response = make_response(heartbeat_s, config.server.stream_stall_s)
+    response = SessionResponse(send_timeout=config.server.stream_stall_s)
     await response.prepare(request)
-    session = Session(job_id, response, joblog, cursor)
-    with request.app[REGISTRY].open(session):
-        async with response:
-            await session.serve(config.server.retry_ms)
+    session = Session(job_id, response, joblog, cursor, heartbeat_s)
+    registry = request.app[REGISTRY]
+    registry.add(session)
+    try:
+        await session.serve(config.server.retry_ms)
+    finally:
+        registry.remove(session)
     return response
 
 

@@ -60,7 +60,7 @@ def create_app(config: Config) -> web.Application:
     metrics = Metrics()
     app[METRICS] = metrics
     app[POOL] = WorkerPool(config, store, projects, metrics)
-    app[REGISTRY] = SessionRegistry(config.server.stream_stall_s)
+    app[REGISTRY] = SessionRegistry(config.server.stream_stall_s, _timer_tick_s(config))
     metrics.watch(app[POOL], app[REGISTRY])
     app.add_routes(routes)
     app.add_routes(page_routes)
@@ -68,9 +68,16 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_pool_lifetime)
     # after the pool: recovered jobs keep their projects
     app.cleanup_ctx.append(_background("upload-sweeper", uploaded.sweep_forever))
-    app.cleanup_ctx.append(_background("stall-sweep", app[REGISTRY].sweep_stalls))
+    app.cleanup_ctx.append(_background("stream-timer", app[REGISTRY].run_timer))
     app.on_shutdown.append(_close_streams)
     return app
+
+
+def _timer_tick_s(config: Config) -> float:
+    """How often the streams' timer looks at every session: often enough for the shortest
+    heartbeat and to cut a stalled peer off soon after `stream_stall_s`; at least once a second."""
+    heartbeats = [config.limits.heartbeat_s, *(tool.limits.heartbeat_s for tool in config.tools.values())]
+    return min(1.0, config.server.stream_stall_s / 4, min(heartbeats) / 2)
 
 
 async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:

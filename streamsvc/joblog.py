@@ -72,8 +72,6 @@ class EventLog(Protocol):
 
     def changed(self) -> asyncio.Future[None]: ...
 
-    def wake(self) -> None: ...
-
 
 class JobLog:
     """The in-process `EventLog`: an append-only file plus a window of it in memory."""
@@ -179,7 +177,7 @@ class JobLog:
         self._remember(blob)
         if terminal:
             self._finish()
-        self.wake()
+        self._wake()
 
     def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]:
         """The frames after `seq`, at most about `max_bytes` (at least one), and the new cursor."""
@@ -258,8 +256,7 @@ class JobLog:
         self._finished = True
         self.close()
 
-    def wake(self) -> None:
-        """Resolve every `changed()` future: at an append, or when a reader must look again."""
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -6,7 +6,19 @@ import asyncio
 import socket
 from pathlib import Path
 
-from conftest import PY, ClientFactory, ConfigFactory, Event, collect, eventually, follow, lines_of, read_sse, submit
+from conftest import (
+    PY,
+    ClientFactory,
+    ConfigFactory,
+    Event,
+    collect,
+    eventually,
+    follow,
+    lines_of,
+    read_sse,
+    submit,
+    wait_job,
+)
 
 from streamsvc.api import REGISTRY
 
@@ -161,6 +173,51 @@ async def test_heartbeat_comments_while_the_job_is_silent(
                     break
         gate.touch()
     assert comments == 3
+
+
+async def test_heartbeats_keep_coming_while_the_job_prints(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    chatter = f"import os, time\nwhile not os.path.exists({str(gate)!r}):\n    print('tick', flush=True)\n"
+    chatter += "    time.sleep(0.01)"
+    client = await start(make_config({"chatter": {"argv": [PY, "-c", chatter], "heartbeat_s": 0.1}}))
+    job_id = await submit(client, "chatter")
+    seen: list[str] = []
+    async with client.get(f"/api/stream/{job_id}") as response:
+        async for item in read_sse(response):
+            seen.append(item if isinstance(item, str) else item.event)
+            if seen.count("output") > 0 and seen[seen.index("output") :].count(": ping") == 3:
+                gate.touch()
+    between = seen[seen.index("output") : len(seen) - seen[::-1].index("output")]
+    assert between.count(": ping") >= 2  # comments came between output lines, not only in silence
+    assert seen[-1] == "complete"
+
+
+def tasks_beside_aiohttps() -> list[str]:
+    """The running tasks other than aiohttp's own for each connection and its handler."""
+    names = [task.get_coro().__qualname__ for task in asyncio.all_tasks()]  # type: ignore[union-attr]
+    return [name for name in names if name not in {"RequestHandler.start", "RequestHandler._handle_request"}]
+
+
+async def test_an_open_stream_adds_no_task_of_its_own(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
+    job_id = await submit(client, "gate")
+    assert client.app is not None
+    registry = client.app[REGISTRY]
+    await wait_job(client, job_id, {"outputLines": 1})  # the tool runs: its job's tasks are there
+    before = sorted(tasks_beside_aiohttps())
+    responses = [await client.get(f"/api/stream/{job_id}") for _ in range(20)]
+    await eventually(lambda: registry.count(job_id) == 20, "twenty subscribers connected")
+    for response in responses:  # each has its first bytes: its handler is past start-up
+        await response.content.readline()
+    assert sorted(tasks_beside_aiohttps()) == before  # no ping, watcher or timer task per stream
+    gate.touch()
+    for response in responses:
+        response.close()
 
 
 async def test_disconnect_releases_the_session(
