@@ -330,10 +330,10 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 async def _empty(jail: Jail) -> None:
-    """Remove the job's cgroups once their last process is gone (bounded)."""
+    """Remove the job's cgroups once their last process is gone (bounded): at once, as a
+    rule, since the run killed what was left; else kill again and retry."""
     for _ in range(50):
-        jail.kill_all()
-        jail.remove()
-        if not any(group.exists() for group in jail.groups.values()):
+        if jail.remove():
             return
+        jail.kill_all()
         await asyncio.sleep(0.02)

@@ -249,9 +249,18 @@ class Jail:
             return int((group / "memory.failcnt").read_text()) > 0
         return False
 
-    def remove(self) -> None:
+    def remove(self) -> bool:
+        """Remove the job's groups; whether they are all gone (a group that still holds a
+        process stays)."""
+        gone = True
         for group in self.groups.values():
-            _remove_group(group)
+            try:
+                group.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
 
 
 def _bounded(which: int, value: int) -> tuple[int, int]:
