@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Awaitable, Iterator
 
 from aiohttp_sse import EventSourceResponse
 
 from .joblog import EventLog
+
+log = logging.getLogger(__name__)
 
 #: at most this much is handed to one socket write (a slow reader holds no more than this)
 MAX_WRITE_BYTES = 256 * 1024
@@ -63,6 +66,7 @@ class Session:
                     self.bytes_sent += len(blob)
                     self.cursor = cursor
                 elif self.log.finished:
+                    await self._watched(self.response.write_eof())  # a peer may stall here too
                     return
                 else:
                     self._waiter = self.log.changed()
@@ -87,9 +91,13 @@ class Session:
             self._wake()
 
     async def _write(self, blob: bytes) -> None:
+        await self._watched(self.response.write(blob))
+
+    async def _watched(self, write: Awaitable[None]) -> None:
+        """Await a write to the peer, watched by the registry's timer for a stall."""
         self.writing_since = asyncio.get_running_loop().time()
         try:
-            await self.response.write(blob)
+            await write
         finally:
             self.writing_since = None
 
@@ -138,7 +146,10 @@ class SessionRegistry:
             await asyncio.sleep(self.tick_s)
             now = loop.time()
             for session in list(self._all()):
-                session.tick(now, self.tick_s, self.stall_s)
+                try:
+                    session.tick(now, self.tick_s, self.stall_s)
+                except Exception:  # a bug must cost one stream its heartbeat, never every stream
+                    log.exception("stream timer: session of job %s", session.job_id)
 
     def close_all(self, message: str) -> None:
         for session in self._all():
@@ -157,7 +168,3 @@ class SessionResponse(EventSourceResponse):
 
     async def _ping(self) -> None:
         return
-
-
-def make_response(stall_s: float) -> EventSourceResponse:
-    return SessionResponse(send_timeout=stall_s)

@@ -95,8 +95,9 @@ class Run:
         try:
             return await self._spawn_and_follow(jail, home)
         finally:
-            await _empty(jail)
-            await self.sandbox.homes.give_back(home)
+            # a home is handed on only when a pids group proved every process of the job gone
+            gone = await _empty(jail) and "pids" in jail.groups
+            await self.sandbox.homes.give_back(home, reusable=gone)
 
     async def _spawn_and_follow(self, jail: Jail, home: Path) -> Outcome:
         try:
@@ -329,11 +330,12 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _empty(jail: Jail) -> None:
+async def _empty(jail: Jail) -> bool:
     """Remove the job's cgroups once their last process is gone (bounded): at once, as a
-    rule, since the run killed what was left; else kill again and retry."""
+    rule, since the run killed what was left; else kill again and retry. Whether they went."""
     for _ in range(50):
         if jail.remove():
-            return
+            return True
         jail.kill_all()
         await asyncio.sleep(0.02)
+    return False

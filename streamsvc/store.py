@@ -26,8 +26,10 @@ CACHED_LOGS = 64
 LOST_MESSAGE = "the service stopped while the job ran"
 #: the most output (in characters) a `complete` event carries, besides `max_result_lines`
 MAX_RESULT_BYTES = 1024 * 1024
-#: below this much free space in the data folder, new jobs are refused
+#: below this much free space, or this many free inodes, in the data folder, new jobs are
+#: refused (their log file is made at their first event, and must be)
 MIN_FREE_BYTES = 64 * 1024
+MIN_FREE_INODES = 16
 #: the journal of job records, in `data_dir/jobs`
 JOURNAL = "records.jsonl"
 #: the journal is rewritten when it holds more lines than this many per job, plus the slack
@@ -198,6 +200,8 @@ class JobStore:
         free = info.f_bavail * info.f_frsize
         if free < MIN_FREE_BYTES:
             raise StorageError(f"no space left in the data folder ({free} bytes free)")
+        if info.f_files and info.f_favail < MIN_FREE_INODES:  # f_files 0: no inode count here
+            raise StorageError(f"no room for new files in the data folder ({info.f_favail} inodes free)")
 
     def save(self, job: Job) -> None:
         """Persist the record. A failing data folder is logged, not raised: the record in

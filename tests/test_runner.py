@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -33,6 +34,8 @@ from conftest import (
     read_sse,
     submit,
 )
+
+from streamsvc import sandbox as sandbox_module
 
 #: an argument of every process the tests start on purpose, so teardown never kills a reused pid
 MARKER = "streamsvc-test-sleeper"
@@ -271,6 +274,33 @@ def service_stdin_open_pipe() -> Iterator[None]:
             os.close(fd)
 
 
+@pytest.fixture
+def service_stdin_closed() -> Iterator[None]:
+    """The service runs with its stdin closed, so the lowest free descriptor is 0."""
+    saved = os.dup(0)
+    os.close(0)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+
+
+@pytest.mark.usefixtures("service_stdin_closed")
+def test_the_cgroup_descriptors_handed_to_the_shim_are_never_a_standard_stream(tmp_path: Path) -> None:
+    # were one of them 0, 1 or 2, the child's stdin or output would replace it before the shim
+    # wrote to it: the tool would run outside its groups (no process or memory limit)
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("")
+    fd = sandbox_module._open_above_stdio(procs)
+    try:
+        assert fd > 2
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(procs)
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # for the shim only, by pass_fds
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.usefixtures("service_stdin_open_pipe")
 async def test_stdin_is_dev_null(make_config: ConfigFactory, start: ClientFactory) -> None:
     body = """
@@ -323,7 +353,8 @@ async def test_every_job_gets_an_empty_private_home_whatever_the_last_one_left(
     body = """
         import os, stat, sys
         home = os.environ["HOME"]
-        print(home, oct(stat.S_IMODE(os.lstat(home).st_mode)), sorted(os.listdir(home)))
+        parent = oct(stat.S_IMODE(os.stat(os.path.dirname(home)).st_mode))
+        print(home, oct(stat.S_IMODE(os.lstat(home).st_mode)), parent, sorted(os.listdir(home)))
         if sys.argv[1] == "file":
             open(os.path.join(home, ".cache"), "w").write("secret")
         elif sys.argv[1] == "chmod":
@@ -335,12 +366,13 @@ async def test_every_job_gets_an_empty_private_home_whatever_the_last_one_left(
     for leaves in ("nothing", "file", "nothing", "chmod", "nothing", "nothing"):
         events = await follow(client, await submit(client, leaves))
         assert events[-1].data["status"] == "completed", events[-1].data
-        seen.append(lines_of(events)[0].split(" ", 2))
+        seen.append(lines_of(events)[0].split(" ", 3))
         if leaves != "nothing":  # a home a job changed is not handed on: it is gone
             assert not await asyncio.to_thread(os.path.exists, seen[-1][0])
 
-    assert all(mode == "0o700" and listing == "[]" for _, mode, listing in seen)
-    homes = [home for home, _, _ in seen]
+    # the homes' folder lets the tools' user in, and no one list or add anything
+    assert all(mode == "0o700" and parent == "0o711" and listing == "[]" for _, mode, parent, listing in seen)
+    homes = [home for home, _, _, _ in seen]
     assert homes[1] == homes[0] and homes[5] == homes[4]  # an untouched one is handed on
     assert len({homes[1], homes[2], homes[3], homes[4]}) == 3  # after a change, a new one
 

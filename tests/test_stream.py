@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from conftest import (
+    BOUND_S,
     PY,
     ClientFactory,
     ConfigFactory,
@@ -184,11 +185,14 @@ async def test_heartbeats_keep_coming_while_the_job_prints(
     client = await start(make_config({"chatter": {"argv": [PY, "-c", chatter], "heartbeat_s": 0.1}}))
     job_id = await submit(client, "chatter")
     seen: list[str] = []
-    async with client.get(f"/api/stream/{job_id}") as response:
-        async for item in read_sse(response):
-            seen.append(item if isinstance(item, str) else item.event)
-            if seen.count("output") > 0 and seen[seen.index("output") :].count(": ping") == 3:
-                gate.touch()
+    try:
+        async with asyncio.timeout(BOUND_S), client.get(f"/api/stream/{job_id}") as response:
+            async for item in read_sse(response):
+                seen.append(item if isinstance(item, str) else item.event)
+                if seen.count("output") > 0 and seen[seen.index("output") :].count(": ping") == 3:
+                    gate.touch()
+    finally:
+        gate.touch()
     between = seen[seen.index("output") : len(seen) - seen[::-1].index("output")]
     assert between.count(": ping") >= 2  # comments came between output lines, not only in silence
     assert seen[-1] == "complete"
