@@ -30,11 +30,6 @@ def redacted_url(request: web.BaseRequest) -> str:
 
 
 class AccessLogger(AbstractAccessLogger):
-    @property
-    def enabled(self) -> bool:
-        """aiohttp asks before it gathers a line: nothing is built when INFO is off."""
-        return self.logger.isEnabledFor(logging.INFO)
-
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         fields = {
             "remote": request.remote,
