@@ -266,15 +266,8 @@ class Jail:
     def remove(self) -> bool:
         """Remove the job's groups; whether they are all gone (a group that still holds a
         process stays)."""
-        gone = True
-        for group in self.groups.values():
-            try:
-                group.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                gone = False
-        return gone
+        results = [_remove_group(group) for group in self.groups.values()]  # every group, even after a failure
+        return all(results)
 
 
 def _open_above_stdio(path: Path) -> int:
@@ -419,6 +412,12 @@ def _kill_group(group: Path) -> None:
                 os.kill(int(pid), signal.SIGKILL)
 
 
-def _remove_group(group: Path) -> None:
-    with contextlib.suppress(OSError):
+def _remove_group(group: Path) -> bool:
+    """Remove a cgroup folder; whether it is gone (one that still holds a process stays)."""
+    try:
         group.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
