@@ -37,7 +37,8 @@ class WorkerPool:
         self.sandbox = Sandbox({}, None)
         self._pending: dict[str, Job] = {}
         self._runs: dict[str, Run] = {}
-        self._work = asyncio.Event()
+        #: one future per idle worker: a new job wakes one worker, not all of them
+        self._idle: deque[asyncio.Future[None]] = deque()
         self._workers: list[asyncio.Task[None]] = []
         self._closing = False
         self._durations_ms: deque[int] = deque(maxlen=RECENT_DURATIONS)
@@ -55,12 +56,12 @@ class WorkerPool:
         self._workers = [
             asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.config.queue.workers)
         ]
-        self._work.set()
 
     def close(self) -> None:
         """Accept no more jobs and start no more (the service is shutting down)."""
         self._closing = True
-        self._work.set()
+        while self._idle:
+            self._wake_one()
 
     async def stop(self) -> None:
         """Accept nothing more; end running jobs as `lost` (their group killed); queued jobs
@@ -68,7 +69,6 @@ class WorkerPool:
         self.close()
         for run in self._runs.values():
             run.stop(JobStatus.LOST, LOST_MESSAGE)
-        self._work.set()
         grace = max((run.spec.limits.kill_grace_s for run in self._runs.values()), default=0)
         if self._workers:  # a run ends within 2 graces and REAP_BOUND_S, however its tree behaves
             await asyncio.wait(self._workers, timeout=2 * grace + REAP_BOUND_S + 2)
@@ -93,7 +93,7 @@ class WorkerPool:
             self.quotas.release(client, refund=True)
             raise
         self._pending[job.job_id] = job
-        self._work.set()
+        self._wake_one()
         self.metrics.submitted()
         log.info(
             "job %s queued: tool=%s project=%s",
@@ -158,11 +158,19 @@ class WorkerPool:
             "estimatedWaitSec": math.ceil(wait_ms / 1000),
         } | counts
 
+    def _wake_one(self) -> None:
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():  # (a cancelled worker's is done)
+                waiter.set_result(None)
+                return
+
     async def _worker(self) -> None:
         while not self._closing:
             if not self._pending:
-                self._work.clear()
-                await self._work.wait()
+                waiter = asyncio.get_running_loop().create_future()
+                self._idle.append(waiter)
+                await waiter
                 continue
             job = self._pending.pop(next(iter(self._pending)))
             try:

@@ -14,6 +14,7 @@ from conftest import (
     Event,
     assert_gone,
     collect,
+    eventually,
     follow,
     get_data,
     is_gone,
@@ -24,6 +25,8 @@ from conftest import (
     submit_running,
     wait_job,
 )
+
+from streamsvc.api import POOL
 
 QUEUE_FIELDS = {
     "concurrency",
@@ -294,3 +297,21 @@ async def test_workers_run_that_many_jobs_at_once(
     assert (await job_of(client, a))["status"] == "running"
     gates[0].touch()
     assert (await follow(client, a))[-1].data["status"] == "completed"
+
+
+async def test_a_new_job_wakes_one_idle_worker_and_the_others_stay_parked(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}, queue={"workers": 8}))
+    assert client.app is not None
+    pool = client.app[POOL]
+    await eventually(lambda: len(pool._idle) == 8, "every worker parked")
+    parked = list(pool._idle)
+    job_id = await submit(client, "gate")
+    await wait_job(client, job_id, "running")
+    assert [waiter.done() for waiter in parked] == [True] + [False] * 7  # one woken, in turn
+    assert list(pool._idle) == parked[1:]
+    gate.touch()
+    assert (await follow(client, job_id))[-1].data["status"] == "completed"
+    await eventually(lambda: len(pool._idle) == 8, "the worker parked again")
