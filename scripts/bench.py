@@ -27,11 +27,12 @@ every subscriber is connected (the seed drops output nobody is subscribed to yet
 - growth: throughput against line size, fanout against subscribers (a 2,000-line job), memory
   against open streams.
 
-The client side reads in bulk (aiohttp, each chunk cut at its last newline and parsed with a
-few regular expressions) in worker processes: one for up to 50 streams, up to --client-procs
-for more (see scripts/bench_client.py), each reporting its CPU time beside the service's, so
-a reader sees which side was busy. On a shared machine the figures are noisy: compare runs,
-and the service's CPU per line and per job (steadier). Results: docs/PERFORMANCE.md.
+The client side reads in bulk (bare sockets in one epoll loop, each chunk cut at its last
+newline and parsed with a few regular expressions) in worker processes: one for up to 50
+streams, up to --client-procs for more (see scripts/bench_client.py), each reporting its CPU
+time beside the service's, so a reader sees which side was busy. On a shared machine the
+figures are noisy: compare runs, and the service's CPU per line and per job (steadier).
+Results: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations

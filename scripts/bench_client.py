@@ -1,10 +1,12 @@
 """The client side of scripts/bench.py: SSE subscribers and job submitters, in worker processes.
 
 One Python process cannot read a million events a second, so the bench spreads its clients
-over a few processes (`ClientProcesses`), each with its own event loop and aiohttp session.
-Every worker follows one protocol over a pipe: it sets up (connects its streams), says
-`ready`, waits for `go`, runs, and sends back its results with the CPU time it used, so a
-report can show whether the client or the service was the busy one.
+over a few processes (`ClientProcesses`). A stream worker reads its streams on bare sockets
+from one epoll loop (`_Stream`: the client shares the service's cores, and through aiohttp
+and asyncio it cost as much CPU per event as the service); a jobrate worker submits and
+follows jobs with aiohttp. Every worker follows one protocol over a pipe: it sets up
+(connects its streams), says `ready`, waits for `go`, runs, and sends back its results with
+the CPU time it used, so a report can show whether the client or the service was the busy one.
 
 A stream is parsed in bulk, never event by event: each received chunk, cut at its last
 newline, goes through a few compiled regular expressions (C code) that pull out the numbers
@@ -22,7 +24,10 @@ import multiprocessing.connection
 import multiprocessing.synchronize
 import re
 import resource
+import select
+import socket
 import time
+import urllib.parse
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,8 +37,6 @@ import aiohttp
 
 #: the bound on any one step of a worker (connecting, waiting for go, a whole run)
 STEP_BOUND_S = 300.0
-#: streams connect this many at a time (the listen backlog of a server is finite)
-CONNECT_BATCH = 100
 #: a job's stream on which nothing arrives for this long counts as lost (the Node seed drops
 #: the `complete` of a job that ended before its subscriber connected, and never ends it)
 LOST_IDLE_S = 5.0
@@ -41,7 +44,17 @@ LOST_IDLE_S = 5.0
 #: up after this long without a byte (the Node seed serves one subscriber per job: the others
 #: never get one), and one that has had lines after LOST_IDLE_S (a busy service lags)
 ENDED_IDLE_S = 1.0
-READ_BUFSIZE = 1 << 20
+#: the bound on connecting a stream, and on the size of a response head
+CONNECT_BOUND_S = 30.0
+MAX_HEAD_BYTES = 64 * 1024
+#: the most one read of a stream takes
+RECV_BYTES = 256 * 1024
+#: every read lands here first: a fresh 256 KiB buffer per read would be an mmap and an
+#: munmap each (glibc's threshold), which cost more than the rest of the client together
+_RECV_BUFFER = bytearray(RECV_BYTES)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
+#: how often the streams' loop looks for streams to give up
+WATCH_EVERY_S = 0.1
 
 _COMPLETE = re.compile(rb"event: ?complete\n")
 _LINE = b'"line":"'
@@ -190,7 +203,7 @@ def _session() -> aiohttp.ClientSession:
 def worker_main(conn: multiprocessing.connection.Connection, work: StreamsWork | JobsWork, ended: Any) -> None:
     """A worker process's entry point (`ended`: a multiprocessing.Event shared by the workers)."""
     try:
-        report = asyncio.run(_streams(conn, work, ended) if isinstance(work, StreamsWork) else _jobs(conn, work))
+        report = _streams(conn, work, ended) if isinstance(work, StreamsWork) else asyncio.run(_jobs(conn, work))
     except Exception as exc:
         report = WorkerReport(errors=[f"worker failed: {exc!r}"])
     conn.send(("results", report))
@@ -203,80 +216,156 @@ async def _wait_go(conn: multiprocessing.connection.Connection) -> None:
         raise TimeoutError("no go from the bench")
 
 
-async def _streams(
+def _streams(
     conn: multiprocessing.connection.Connection, work: StreamsWork, ended: multiprocessing.synchronize.Event
 ) -> WorkerReport:
+    """Connect every stream, say ready, wait for go, then read them all from one epoll loop
+    until each has its `complete`, ends, or is given up (see LOST_IDLE_S)."""
     report = WorkerReport()
-    async with _session() as session:
-        followers = [_Follower(plan, ended) for plan in work.plans]
-        for start in range(0, len(followers), CONNECT_BATCH):
-            await asyncio.gather(*(f.connect(session) for f in followers[start : start + CONNECT_BATCH]))
-        report.errors += [f.check.result.error for f in followers if f.check.result.error]
-        conn.send(("ready", len(followers) - len(report.errors)))
-        await _wait_go(conn)
-        cpu = _cpu_s()
-        tasks = [asyncio.create_task(f.read()) for f in followers]
-        watchdog = asyncio.create_task(_watch(followers, tasks, ended))
-        await asyncio.wait(tasks, timeout=STEP_BOUND_S)
-        watchdog.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(watchdog, *tasks, return_exceptions=True)
-        report.cpu_s = _cpu_s() - cpu
-        report.results = [f.close() for f in followers]
+    streams = [_Stream(plan) for plan in work.plans]
+    for stream in streams:
+        stream.connect()
+    report.errors += [s.check.result.error for s in streams if s.check.result.error]
+    conn.send(("ready", len(streams) - len(report.errors)))
+    if not conn.poll(STEP_BOUND_S) or conn.recv() != "go":
+        raise TimeoutError("no go from the bench")
+    cpu = _cpu_s()
+    with select.epoll() as poller:
+        live = {}
+        for stream in streams:
+            if stream.sock is not None:
+                stream.last_rx_ns = time.time_ns()
+                live[stream.sock.fileno()] = stream
+                poller.register(stream.sock, select.EPOLLIN)
+        deadline = time.monotonic() + STEP_BOUND_S
+        watch_at = time.monotonic() + WATCH_EVERY_S
+        while live and watch_at < deadline:
+            for fd, _ in poller.poll(WATCH_EVERY_S):
+                if not live[fd].receive():
+                    stream = live.pop(fd)
+                    poller.unregister(fd)
+                    if stream.check.result.complete:
+                        ended.set()
+            if time.monotonic() >= watch_at:
+                watch_at += WATCH_EVERY_S
+                if ended.is_set():
+                    for fd, stream in list(live.items()):
+                        if stream.idle_too_long(time.time_ns()):
+                            poller.unregister(fd)
+                            del live[fd]
+    report.cpu_s = _cpu_s() - cpu
+    report.results = [stream.close() for stream in streams]
     return report
 
 
-async def _watch(followers: Sequence[_Follower], tasks: Sequence[asyncio.Task[None]], ended: Any) -> None:
-    """Give up the streams that stopped receiving after some stream's job ended."""
-    while True:
-        await asyncio.sleep(0.1)
-        if not ended.is_set():
-            continue
-        now = time.monotonic()
-        for follower, task in zip(followers, tasks, strict=True):
-            allowed = LOST_IDLE_S if follower.check.result.lines else ENDED_IDLE_S
-            if not task.done() and now - follower.last_rx > allowed:
-                task.cancel()
+class _Stream:
+    """One SSE subscriber on a bare socket: connects (response head received), then is read
+    until its job's `complete`. The bench speaks HTTP/1.1 itself, from a plain epoll loop,
+    because the client shares the service's two cores: through aiohttp's client and asyncio
+    it cost as much CPU per event as the service under test (13 µs a one-line read). The
+    body, chunked or not, is decoded in bulk (a read's chunks joined, never walked byte by
+    byte) and checked as it arrives."""
 
-
-class _Follower:
-    """One SSE subscriber: connects (headers received), then reads until its job's `complete`."""
-
-    def __init__(self, plan: StreamPlan, ended: multiprocessing.synchronize.Event) -> None:
+    def __init__(self, plan: StreamPlan) -> None:
         self.check = LineCheck(plan)
-        self.ended = ended
-        self.last_rx = time.monotonic()
-        self._response: aiohttp.ClientResponse | None = None
+        self.sock: socket.socket | None = None
+        self.last_rx_ns = 0
+        self._pending = b""  # an unfinished chunk-size line
+        self._chunked = False
+        self._left = 0  # bytes still to come of the current chunk's data
+        self._skip = 0  # bytes still to skip of the CRLF after a chunk's data
+        self._ended = False
 
-    async def connect(self, session: aiohttp.ClientSession) -> None:
+    def connect(self) -> None:
+        url = urllib.parse.urlsplit(self.check.plan.url)
+        target = url.path + (f"?{url.query}" if url.query else "")
         try:
-            response = await session.get(self.check.plan.url, read_bufsize=READ_BUFSIZE)
-        except (aiohttp.ClientError, OSError) as exc:
+            sock = socket.create_connection((url.hostname, url.port), timeout=CONNECT_BOUND_S)
+            sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {url.netloc}\r\nAccept: text/event-stream\r\n\r\n".encode())
+            status, rest = self._read_head(sock)
+        except (OSError, ValueError) as exc:
             self.check.result.error = f"connect: {exc!r}"
             return
-        if response.status != 200:
-            self.check.result.error = f"HTTP {response.status}"
-            response.release()
+        if status != 200:
+            self.check.result.error = f"HTTP {status}"
+            sock.close()
             return
-        self._response = response
+        sock.settimeout(None)  # read only when epoll says it is readable
+        self.sock = sock
+        if rest:
+            self._feed(rest, time.time_ns())
 
-    async def read(self) -> None:
-        if self._response is None:
-            return
-        content = self._response.content
-        self.last_rx = time.monotonic()
-        while chunk := await content.readany():
-            self.last_rx = time.monotonic()
-            self.check.feed(chunk, time.time_ns())
-            if self.check.result.complete:
-                self.ended.set()
-                return
+    def receive(self) -> bool:
+        """Read what has arrived; False once the stream has ended (complete, closed, failed)."""
+        assert self.sock is not None
+        try:
+            size = self.sock.recv_into(_RECV_BUFFER)
+        except OSError:
+            size = 0
+        if not size:
+            self._ended = True
+        else:
+            self.last_rx_ns = received_ns = time.time_ns()
+            self._feed(_RECV_VIEW[:size].tobytes(), received_ns)
+        return not (self._ended or self.check.result.complete)
+
+    def idle_too_long(self, now_ns: int) -> bool:
+        """Once some stream's job has ended: has this one been silent too long to wait on?"""
+        allowed = LOST_IDLE_S if self.check.result.lines else ENDED_IDLE_S
+        return now_ns - self.last_rx_ns > allowed * 1e9
 
     def close(self) -> StreamResult:
-        if self._response is not None:
-            self._response.close()
+        if self.sock is not None:
+            self.sock.close()
         return self.check.finish()
+
+    def _read_head(self, sock: socket.socket) -> tuple[int, bytes]:
+        sock.settimeout(STEP_BOUND_S)
+        head = b""
+        while (end := head.find(b"\r\n\r\n")) < 0:
+            if len(head) > MAX_HEAD_BYTES:
+                raise ValueError("a response head without an end")
+            data = sock.recv(RECV_BYTES)
+            if not data:
+                raise ConnectionResetError("closed before the response head")
+            head += data
+        lowered = head[:end].lower()
+        self._chunked = b"\r\ntransfer-encoding: chunked" in lowered
+        return int(lowered.split(b" ", 2)[1]), head[end + 4 :]
+
+    def _feed(self, data: bytes, received_ns: int) -> None:
+        body = self._unchunk(data) if self._chunked else data
+        if body:
+            self.check.feed(body, received_ns)
+
+    def _unchunk(self, data: bytes) -> bytes:
+        """The data of the chunks in `data` (chunk framing cut out), keeping what is unfinished."""
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        parts = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._left:
+                take = min(self._left, size - pos)
+                parts.append(data[pos : pos + take])
+                pos += take
+                self._left -= take
+            elif self._skip:
+                step = min(self._skip, size - pos)
+                pos += step
+                self._skip -= step
+            else:
+                line_end = data.find(b"\r\n", pos)
+                if line_end < 0:
+                    self._pending = data[pos:]
+                    break
+                self._left = int(data[pos:line_end].partition(b";")[0], 16)
+                self._skip = 2
+                pos = line_end + 2
+                if not self._left:  # the last chunk: the body has ended
+                    self._ended = True
+                    break
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 async def _jobs(conn: multiprocessing.connection.Connection, work: JobsWork) -> WorkerReport:
