@@ -9,17 +9,19 @@ when the bytes are still there and from the file otherwise.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import itertools
 import json
+import logging
 import os
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from json.encoder import encode_basestring as _json_string
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 #: event kinds that end a job's stream
 TERMINAL = frozenset({"complete", "error"})
@@ -28,8 +30,6 @@ TERMINAL = frozenset({"complete", "error"})
 MEMORY_WINDOW_BYTES = 4 * 1024 * 1024
 #: how much of a log file is read at once when it is loaded
 LOAD_CHUNK_BYTES = 1024 * 1024
-#: waiters of readers that left are dropped when the list has grown by this much (at least)
-WAITERS_PRUNE_SLACK = 64
 
 
 def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -70,7 +70,9 @@ class EventLog(Protocol):
 
     def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]: ...
 
-    def changed(self) -> asyncio.Future[None]: ...
+    def watch(self, callback: Callable[[], None]) -> None: ...
+
+    def unwatch(self, callback: Callable[[], None]) -> None: ...
 
 
 class JobLog:
@@ -86,9 +88,8 @@ class JobLog:
         self._durable_end = ends[-1]
         self._finished = finished
         self._fd: int | None = None
-        #: the readers waiting for the next append, each on a future of its own
-        self._waiters: list[asyncio.Future[None]] = []
-        self._prune_waiters_at = WAITERS_PRUNE_SLACK
+        #: the readers following the log, each called after every append (a dict keeps their order)
+        self._watchers: dict[Callable[[], None], None] = {}
 
     @classmethod
     def create(cls, path: Path) -> JobLog:
@@ -201,19 +202,13 @@ class JobLog:
             return head
         return head + bytes(self._window[max(start - window_start, 0) : stop - window_start])
 
-    def changed(self) -> asyncio.Future[None]:
-        """A future of the caller's own that resolves at the next append (at once when the
-        log is finished). Each reader gets its own, so a reader that is cancelled while it
-        waits (its client left) cancels nothing of the others'."""
-        future = asyncio.get_running_loop().create_future()
-        if self._finished:
-            future.set_result(None)
-            return future
-        if len(self._waiters) >= self._prune_waiters_at:  # readers that left before an append
-            self._waiters = [waiter for waiter in self._waiters if not waiter.done()]
-            self._prune_waiters_at = 2 * len(self._waiters) + WAITERS_PRUNE_SLACK
-        self._waiters.append(future)
-        return future
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` after every append, until `unwatch(callback)`. It runs inside
+        the append, so it must be quick; one that raises is logged and called no more."""
+        self._watchers[callback] = None
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        self._watchers.pop(callback, None)
 
     def output_lines(self) -> Iterator[str]:
         """Every output line in order (for the plain-text log)."""
@@ -257,10 +252,12 @@ class JobLog:
         self.close()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        for watcher in list(self._watchers):  # a copy: a watcher may unwatch itself
+            try:
+                watcher()
+            except Exception:  # the append has happened: a faulty reader loses its own wake-ups only
+                log.exception("%s: a reader's call failed; it is no longer called", self.path.name)
+                self.unwatch(watcher)
 
 
 def _write_all(fd: int, blob: bytes) -> None:

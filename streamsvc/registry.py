@@ -19,16 +19,18 @@ HEARTBEAT = b": ping\n\n"
 
 
 class Session:
-    """One subscriber of one job. Woken by the log, it writes everything after its cursor
-    in one write, so a slow reader only falls behind in the log, which keeps the bytes.
+    """One subscriber of one job. It writes everything after its cursor in one write, so a
+    slow reader only falls behind in the log, which keeps the bytes.
 
-    It is one task that waits on one future of its own: the log resolves it at an append,
-    the registry's timer when a heartbeat is due, `close()` when the server ends the
-    stream. A client that leaves cancels the handler (the server runs with handler
-    cancellation); a write stalled on its peer is aborted by the registry's timer."""
+    It is one task that waits on one future of its own, resolved by the log's call at an
+    append, by the registry's timer when a heartbeat is due, or by `close()` when the
+    server ends the stream. While it waits with nothing unsent, the log's call writes what
+    is new itself, when the socket takes it without waiting (see `_on_append`). A client
+    that leaves cancels the handler (the server runs with handler cancellation); a write
+    stalled on its peer is aborted by the registry's timer."""
 
     def __init__(
-        self, job_id: str, response: EventSourceResponse, joblog: EventLog, cursor: int, heartbeat_s: float
+        self, job_id: str, response: SessionResponse, joblog: EventLog, cursor: int, heartbeat_s: float
     ) -> None:
         self.job_id = job_id
         self.response = response
@@ -44,6 +46,8 @@ class Session:
         self.last_beat = asyncio.get_running_loop().time()
         self.beat_due = False
         self._waiter: asyncio.Future[None] | None = None
+        #: the task waits on `_waiter` with everything up to the log's end written
+        self._following = False
 
     def close(self, message: str) -> None:
         """End the session from the server's side with a final `error` event."""
@@ -53,6 +57,8 @@ class Session:
 
     async def serve(self, retry_ms: int) -> None:
         """Replay, then follow live, until the job's terminal event, a close or a disconnect."""
+        loop = asyncio.get_running_loop()
+        self.log.watch(self._on_append)
         try:
             await self._write(f"retry: {retry_ms}\n\n".encode())
             while self.closing is None:
@@ -62,21 +68,25 @@ class Session:
                 elif self.cursor < self.log.last_seq:
                     blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
                     await self._write(blob)
-                    self.events_sent += cursor - self.cursor
-                    self.bytes_sent += len(blob)
-                    self.cursor = cursor
+                    self._sent(blob, cursor)
                 elif self.log.finished:
                     await self._watched(self.response.write_eof())  # a peer may stall here too
                     return
                 else:
-                    self._waiter = self.log.changed()
-                    await self._waiter
+                    self._waiter = loop.create_future()
+                    self._following = True
+                    try:
+                        await self._waiter
+                    finally:
+                        self._following = False
             message = json.dumps({"message": self.closing})
             await self._write(f"event: error\ndata: {message}\n\n".encode())
         except ConnectionError:
             return  # the subscriber left, or its stalled connection was aborted; it may resume
         except OSError:
             return  # the log vanished under us (retention); end the response
+        finally:
+            self.log.unwatch(self._on_append)
 
     def tick(self, now: float, tick_s: float, stall_s: float) -> None:
         """The registry's timer: abort the connection if one write has waited on the peer
@@ -89,6 +99,24 @@ class Session:
             self.last_beat = now
             self.beat_due = True
             self._wake()
+
+    def _on_append(self) -> None:
+        """The log's call after an append. While following, the new frames go out from here
+        when the socket's buffer is empty: no task switch per event, which was most of a
+        live event's cost. A lagging peer, a partial batch and the log's end wake the task,
+        which waits for the peer (watched for a stall) and ends the stream."""
+        if self._following and not self.log.finished:
+            blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
+            if self.response.write_now(blob):
+                self._sent(blob, cursor)
+                if cursor == self.log.last_seq:
+                    return
+        self._wake()
+
+    def _sent(self, blob: bytes, cursor: int) -> None:
+        self.events_sent += cursor - self.cursor
+        self.bytes_sent += len(blob)
+        self.cursor = cursor
 
     async def _write(self, blob: bytes) -> None:
         await self._watched(self.response.write(blob))
@@ -164,7 +192,20 @@ class SessionResponse(EventSourceResponse):
     """aiohttp-sse's response (the SSE headers, and TCP_USER_TIMEOUT so that the kernel
     drops a peer that acknowledges nothing for `send_timeout`), without its ping task:
     the registry's timer has the session write the heartbeats, so an open stream costs
-    one task, not two."""
+    one task, not two. `write_now` is a write that never waits."""
 
     async def _ping(self) -> None:
         return
+
+    def write_now(self, data: bytes) -> bool:
+        """Hand `data` to the socket at once if nothing is queued before it; else (or if the
+        connection is closing) send nothing and say False: then `await write(data)`, which
+        waits for the peer. For a response already started with `write()` (its head sent)."""
+        writer = self._payload_writer
+        transport = self._req.transport if self._req is not None else None
+        if writer is None or transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        chunked = self.headers.get("Transfer-Encoding") == "chunked"  # (not to an HTTP/1.0 peer)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
+        writer.output_size += len(data)  # the body's size, for the access log
+        return True

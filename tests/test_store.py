@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -552,27 +553,37 @@ def test_create_replaces_an_existing_file(tmp_path: Path) -> None:
     log.close()
 
 
-async def test_changed_resolves_on_append_and_once_finished(tmp_path: Path) -> None:
+def test_watchers_are_called_after_each_append_until_they_unwatch(tmp_path: Path) -> None:
     log = JobLog.create(tmp_path / "a.log")
-    first, other, gone = log.changed(), log.changed(), log.changed()
-    gone.cancel()  # a reader whose client left: the others still wait, and are woken
-    assert not first.done() and not other.done()
+    calls: list[tuple[str, int]] = []
+
+    def reader(name: str) -> Callable[[], None]:
+        def on_append() -> None:
+            calls.append((name, log.last_seq))  # called after the append: the event is there
+            if name == "leaving":
+                log.unwatch(leaving)  # a watcher may leave from its own call
+
+        return on_append
+
+    first, leaving, gone = reader("first"), reader("leaving"), reader("gone")
+    for watcher in (first, leaving, gone):
+        log.watch(watcher)
+    log.unwatch(gone)  # a reader whose client left before any append
     log.append("status", {"status": "running", "timestamp": 1})
-    assert first.done() and other.done() and not first.cancelled() and not other.cancelled()
-    second = log.changed()
-    assert not second.done()
+    log.extend_output("stdout", ["a", "b"], 2)
     log.append("complete", {"status": "completed"})
-    assert second.done() and log.finished
-    assert log.changed().done()  # nothing more will come: a waiter never blocks
+    assert calls == [("first", 1), ("leaving", 1), ("first", 3), ("first", 4)]
+    assert log.finished
 
 
 async def test_an_end_the_file_cannot_take_is_served_from_memory(tmp_path: Path) -> None:
     log = JobLog.create(tmp_path / "a.log")
     log.append("status", {"status": "running", "timestamp": 1})
     on_disk = (tmp_path / "a.log").read_bytes()
-    waiter = log.changed()
+    woken: list[int] = []
+    log.watch(lambda: woken.append(log.last_seq))
     log.extend([("complete", {"status": "failed"})], durable=False)
-    assert waiter.done() and log.finished
+    assert woken == [2] and log.finished
     assert [kind for _, kind, _ in log.events()] == ["status", "complete"]
     assert (tmp_path / "a.log").read_bytes() == on_disk  # nothing half-written
 
@@ -637,3 +648,23 @@ async def test_a_flood_of_empty_lines_meets_the_output_cap_long_before_the_log_b
     assert len(lines_of(events)) <= 64_000 // MIN_LINE_CHARGE  # an empty line counts for more than 1 byte
     log_file = client.app[STORE].dir / f"{job_id}.log" if client.app is not None else None
     assert log_file is not None and log_file.stat().st_size < 10 * 64_000
+
+
+def test_a_failing_watcher_costs_the_append_nothing_and_the_others_are_still_called(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = JobLog.create(tmp_path / "a.log")
+    seen: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("a bug in one reader")
+
+    log.watch(broken)
+    log.watch(lambda: seen.append(log.last_seq))
+    log.append("status", {"status": "running", "timestamp": 1})
+    log.append("complete", {"status": "completed"})
+    assert seen == [1, 2] and log.finished
+    assert [kind for _, kind, _ in log.events()] == ["status", "complete"]
+    assert [record.getMessage() for record in caplog.records] == [
+        "a.log: a reader's call failed; it is no longer called"
+    ]

@@ -268,3 +268,50 @@ async def test_a_subscriber_that_reads_nothing_slows_no_one_and_catches_up_later
     writer.close()
     assert body.count(b"event: output") == 60000
     assert b'"line":"00059999 ' in body
+
+
+async def test_live_bytes_on_the_wire_equal_a_replay_in_http_1_1_and_1_0(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    """Live events go out from the log's append (`write_now`) or from the session's task;
+    either way each HTTP/1.1 chunk is framed right, and an HTTP/1.0 peer gets the plain body."""
+    gate = tmp_path / "gate"
+    script = "import os,time\nprint('waiting', flush=True)\n"
+    script += f"while not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+    script += "for i in range(500): print(f'line {i}', flush=i % 7 == 0)\n"
+    client = await start(make_config({"paced": [PY, "-c", script]}))
+    job_id = await submit(client, "paced")
+    await wait_job(client, job_id, {"outputLines": 1})
+    peers = {}
+    for version in ("1.1", "1.0"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(f"GET /api/stream/{job_id} HTTP/{version}\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/{version} 200".encode())
+        peers[version] = reader, writer
+    gate.touch()
+    bodies = {}
+    for version, (reader, writer) in peers.items():
+        raw = await asyncio.wait_for(reader.read(), BOUND_S)  # to the end of the connection
+        writer.close()
+        bodies[version] = unchunk(raw) if version == "1.1" else raw
+    async with client.get(f"/api/stream/{job_id}") as late:
+        replay = await late.read()
+    assert b'"line":"line 499"' in replay
+    assert bodies["1.1"] == replay
+    assert bodies["1.0"] == replay
+
+
+def unchunk(raw: bytes) -> bytes:
+    """A chunked HTTP/1.1 body, strictly: each size line, its data, its CRLF, then the last chunk."""
+    body, pos = bytearray(), 0
+    while True:
+        line_end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:line_end], 16)
+        data_end = line_end + 2 + size
+        assert raw[data_end : data_end + 2] == b"\r\n", f"chunk at {pos} is not closed by CRLF"
+        body += raw[line_end + 2 : data_end]
+        pos = data_end + 2
+        if size == 0:
+            assert pos == len(raw), "bytes after the last chunk"
+            return bytes(body)
