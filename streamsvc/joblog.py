@@ -23,6 +23,9 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
+#: a reader following a log: called with the frames just appended and the number before them
+Watcher = Callable[[bytes, int], None]
+
 #: event kinds that end a job's stream
 TERMINAL = frozenset({"complete", "error"})
 
@@ -70,9 +73,9 @@ class EventLog(Protocol):
 
     def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]: ...
 
-    def watch(self, callback: Callable[[], None]) -> None: ...
+    def watch(self, callback: Watcher) -> None: ...
 
-    def unwatch(self, callback: Callable[[], None]) -> None: ...
+    def unwatch(self, callback: Watcher) -> None: ...
 
 
 class JobLog:
@@ -89,7 +92,7 @@ class JobLog:
         self._finished = finished
         self._fd: int | None = None
         #: the readers following the log, each called after every append (a dict keeps their order)
-        self._watchers: dict[Callable[[], None], None] = {}
+        self._watchers: dict[Watcher, None] = {}
 
     @classmethod
     def create(cls, path: Path) -> JobLog:
@@ -178,7 +181,7 @@ class JobLog:
         self._remember(blob)
         if terminal:
             self._finish()
-        self._wake()
+        self._wake(blob, len(self._ends) - 1 - len(frames))
 
     def frames_after(self, seq: int, max_bytes: int) -> tuple[bytes, int]:
         """The frames after `seq`, at most about `max_bytes` (at least one), and the new cursor."""
@@ -202,12 +205,14 @@ class JobLog:
             return head
         return head + bytes(self._window[max(start - window_start, 0) : stop - window_start])
 
-    def watch(self, callback: Callable[[], None]) -> None:
-        """Call `callback()` after every append, until `unwatch(callback)`. It runs inside
-        the append, so it must be quick; one that raises is logged and called no more."""
+    def watch(self, callback: Watcher) -> None:
+        """Call `callback(frames, after)` after every append, until `unwatch(callback)`:
+        the appended frames, and the number of the event before the first of them (a reader
+        whose cursor is `after` lacks exactly `frames`). It runs inside the append, so it
+        must be quick; one that raises is logged and called no more."""
         self._watchers[callback] = None
 
-    def unwatch(self, callback: Callable[[], None]) -> None:
+    def unwatch(self, callback: Watcher) -> None:
         self._watchers.pop(callback, None)
 
     def output_lines(self) -> Iterator[str]:
@@ -251,10 +256,10 @@ class JobLog:
         self._finished = True
         self.close()
 
-    def _wake(self) -> None:
+    def _wake(self, frames: bytes, after: int) -> None:
         for watcher in list(self._watchers):  # a copy: a watcher may unwatch itself
             try:
-                watcher()
+                watcher(frames, after)
             except Exception:  # the append has happened: a faulty reader loses its own wake-ups only
                 log.exception("%s: a reader's call failed; it is no longer called", self.path.name)
                 self.unwatch(watcher)

@@ -100,18 +100,16 @@ class Session:
             self.beat_due = True
             self._wake()
 
-    def _on_append(self) -> None:
+    def _on_append(self, frames: bytes, after: int) -> None:
         """The log's call after an append. While following, the new frames go out from here
         when the socket's buffer is empty: no task switch per event, which was most of a
-        live event's cost. A lagging peer, a partial batch and the log's end wake the task,
-        which waits for the peer (watched for a stall) and ends the stream."""
-        if self._following and not self.log.finished:
-            blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
-            if self.response.write_now(blob):
-                self._sent(blob, cursor)
-                if cursor == self.log.last_seq:
-                    return
-        self._wake()
+        live event's cost. A lagging peer and the log's end wake the task, which waits for
+        the peer (watched for a stall) and ends the stream."""
+        following = self._following and self.cursor == after and not self.log.finished
+        if following and self.response.write_now(frames):
+            self._sent(frames, self.log.last_seq)
+        else:
+            self._wake()
 
     def _sent(self, blob: bytes, cursor: int) -> None:
         self.events_sent += cursor - self.cursor

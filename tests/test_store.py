@@ -555,11 +555,13 @@ def test_create_replaces_an_existing_file(tmp_path: Path) -> None:
 
 def test_watchers_are_called_after_each_append_until_they_unwatch(tmp_path: Path) -> None:
     log = JobLog.create(tmp_path / "a.log")
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, int, int, int]] = []
 
-    def reader(name: str) -> Callable[[], None]:
-        def on_append() -> None:
-            calls.append((name, log.last_seq))  # called after the append: the event is there
+    def reader(name: str) -> Callable[[bytes, int], None]:
+        def on_append(frames: bytes, after: int) -> None:
+            # called after the append (the events are there), with exactly what a reader at `after` lacks
+            assert frames == log.frames_after(after, 1 << 20)[0]
+            calls.append((name, after, frames.count(b"\n\n"), log.last_seq))
             if name == "leaving":
                 log.unwatch(leaving)  # a watcher may leave from its own call
 
@@ -572,7 +574,7 @@ def test_watchers_are_called_after_each_append_until_they_unwatch(tmp_path: Path
     log.append("status", {"status": "running", "timestamp": 1})
     log.extend_output("stdout", ["a", "b"], 2)
     log.append("complete", {"status": "completed"})
-    assert calls == [("first", 1), ("leaving", 1), ("first", 3), ("first", 4)]
+    assert calls == [("first", 0, 1, 1), ("leaving", 0, 1, 1), ("first", 1, 2, 3), ("first", 3, 1, 4)]
     assert log.finished
 
 
@@ -581,7 +583,7 @@ async def test_an_end_the_file_cannot_take_is_served_from_memory(tmp_path: Path)
     log.append("status", {"status": "running", "timestamp": 1})
     on_disk = (tmp_path / "a.log").read_bytes()
     woken: list[int] = []
-    log.watch(lambda: woken.append(log.last_seq))
+    log.watch(lambda frames, after: woken.append(log.last_seq))
     log.extend([("complete", {"status": "failed"})], durable=False)
     assert woken == [2] and log.finished
     assert [kind for _, kind, _ in log.events()] == ["status", "complete"]
@@ -656,11 +658,11 @@ def test_a_failing_watcher_costs_the_append_nothing_and_the_others_are_still_cal
     log = JobLog.create(tmp_path / "a.log")
     seen: list[int] = []
 
-    def broken() -> None:
+    def broken(frames: bytes, after: int) -> None:
         raise RuntimeError("a bug in one reader")
 
     log.watch(broken)
-    log.watch(lambda: seen.append(log.last_seq))
+    log.watch(lambda frames, after: seen.append(log.last_seq))
     log.append("status", {"status": "running", "timestamp": 1})
     log.append("complete", {"status": "completed"})
     assert seen == [1, 2] and log.finished
