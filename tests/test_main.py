@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import (
     PY,
     START_BOUND_S,
@@ -33,6 +35,7 @@ from conftest import (
     stream_of,
 )
 
+from streamsvc import __main__ as streamsvc_main
 from streamsvc.config import DEMO_DIR
 
 #: the `hang` tool's kill_grace_s: how long the service waits after TERM before it KILLs the tool
@@ -353,3 +356,23 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
     assert history[-1].event == "error"
     assert history[-1].data["message"]
     assert [e.data["status"] for e in history if e.event == "status"] == ["running", "lost"]
+
+
+async def test_the_served_app_takes_its_start_up_objects_out_of_the_gcs_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full collection must not walk every module and class while streams wait (it took
+    12-18 ms here): `server` freezes the heap once the app has started."""
+    served: list[web.Application] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **_: served.append(app))
+    monkeypatch.chdir(tmp_path)
+    assert streamsvc_main.main(["server", "--host", "127.0.0.1", "--port", str(free_port())]) == 0
+    (app,) = served
+    frozen = gc.get_freeze_count()
+    try:
+        for on_startup in app.on_startup:  # what run_app would run: the pool, the timers, then the freeze
+            await on_startup(app)
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        await app.cleanup()
