@@ -212,14 +212,14 @@ class Jail:
             return subprocess.Popen(argv, cwd=cwd, env=env, preexec_fn=confine, **options)  # noqa: PLW1509
         program = _find_program(argv[0], cwd, env.get("PATH", ""))
         limits = [f"{which}:{_rlim(soft)}:{_rlim(hard)}" for which, (soft, hard) in self._rlimits()]
-        if self.user is not None:
-            options |= {"user": self.user[0], "group": self.user[1], "extra_groups": []}
+        # the shim drops root itself: IDs changed by Popen would make it fork the service
+        user = [f"user:{self.user[0]}:{self.user[1]}"] if self.user is not None else []
         procs: list[int] = []
         try:
             for group in self.groups.values():
                 procs.append(_open_above_stdio(group / "cgroup.procs"))
             joins = [f"cgroup:{fd}" for fd in procs]
-            shim = [str(self.shim), *joins, *limits, "--", program, *argv]
+            shim = [str(self.shim), *joins, *user, *limits, "--", program, *argv]
             return subprocess.Popen(shim, cwd=cwd, env=env, pass_fds=procs, **options)
         finally:
             for fd in procs:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import pwd
 import re
 import signal
 import textwrap
@@ -710,3 +711,16 @@ async def test_memory_limit_kill_is_reported_as_such(make_config: ConfigFactory,
     done = await run(start, make_config, py_tool(body, max_memory_bytes=64 * 1024 * 1024))
     assert done.result["status"] == "failed"
     assert "memory" in done.result["error"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="run_as applies when the service runs as root")
+async def test_run_as_runs_the_tool_as_that_user_for_good(make_config: ConfigFactory, start: ClientFactory) -> None:
+    nobody = pwd.getpwnam("nobody")
+    script = 'grep -E "^(Uid|Gid|Groups):" /proc/self/status; touch "$HOME/x" && echo home writable'
+    done = await run(start, make_config, ["/bin/sh", "-c", script], server={"run_as": "nobody"})
+    assert done.result["status"] == "completed", done.events
+    fields = {line.split(":")[0]: line.split(":")[1].split() for line in done.lines[:3]}
+    assert fields["Uid"] == [str(nobody.pw_uid)] * 4  # real, effective, saved, filesystem: no way back
+    assert fields["Gid"] == [str(nobody.pw_gid)] * 4
+    assert fields["Groups"] == []  # none of the service's supplementary groups
+    assert done.lines[3] == "home writable"
