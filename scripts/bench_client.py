@@ -57,6 +57,8 @@ _RECV_VIEW = memoryview(_RECV_BUFFER)
 WATCH_EVERY_S = 0.1
 
 _COMPLETE = re.compile(rb"event: ?complete\n")
+#: a job that ran to success: streamsvc says "completed", the Node seed "succeeded"
+_COMPLETED = re.compile(rb'"status": ?"(?:completed|succeeded)"')
 _LINE = b'"line":"'
 
 
@@ -395,11 +397,20 @@ async def _submit_and_follow(session: aiohttp.ClientSession, work: JobsWork, err
             job_id = (await response.json())["data"]["jobId"]
         timeout = aiohttp.ClientTimeout(sock_read=LOST_IDLE_S)
         async with session.get(f"{work.base}/api/stream/{job_id}", timeout=timeout) as response:
-            tail = b""  # the end of the previous chunk: `event: complete` may straddle two
+            seen = b""  # unparsed: the last bytes before `event: complete`, then its frame so far
+            completed = 0
             while chunk := await response.content.readany():
-                if _COMPLETE.search(tail + chunk[:32]) or _COMPLETE.search(chunk):
-                    return submitted, time.time_ns()
-                tail = chunk[-32:]
+                seen += chunk
+                if not completed and (found := _COMPLETE.search(seen)):
+                    completed, seen = time.time_ns(), seen[found.start() :]
+                if completed and (b"\n\n" in seen or len(seen) > MAX_HEAD_BYTES):
+                    break
+                if not completed:
+                    seen = seen[-32:]  # `event: complete` may straddle two chunks
+            if completed:
+                if not _COMPLETED.search(seen.partition(b"\n\n")[0]) and len(errors) < 10:
+                    errors.append("a job's `complete` says it did not succeed")
+                return submitted, completed
     except (TimeoutError, aiohttp.ServerTimeoutError):
         pass  # lost: the stream went quiet without a `complete`
     except (aiohttp.ClientError, OSError, KeyError, ValueError) as exc:
