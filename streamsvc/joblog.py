@@ -123,7 +123,10 @@ class JobLog:
                 pending = blob[start:]
                 offset += start
         if pending:
-            os.truncate(path, offset)
+            try:
+                os.truncate(path, offset)
+            except OSError as exc:  # a read-only data folder: the log is still served as it is
+                log.warning("cannot cut the torn end off %s: %s", path.name, exc)
         kind = last_head.partition(b"\nevent: ")[2].partition(b"\n")[0].decode()
         return cls(path, ends, finished=kind in TERMINAL)
 

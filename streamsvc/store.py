@@ -76,7 +76,8 @@ class RecordJournal:
         if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
             raise ValueError("not a job record")
         records.pop(record["job_id"], None)
-        records[record["job_id"]] = record
+        if not record.get("removed"):
+            records[record["job_id"]] = record
 
     def append(self, record: dict[str, Any]) -> None:
         """One line, one write; on failure the file is cut back to its last whole line.
@@ -98,6 +99,10 @@ class RecordJournal:
             os.close(fd)
         self._size += len(line)
         self.lines += 1
+
+    def remove(self, job_id: str) -> None:
+        """Record that a job is gone: loading forgets its earlier records."""
+        self.append({"job_id": job_id, "removed": True})
 
     def _whole_size(self) -> int:
         """The length of the file up to its last newline."""
@@ -173,8 +178,9 @@ class JobStore:
             elif job.status is JobStatus.QUEUED:
                 self._hot[job.job_id] = JobLog.load(self._log_path(job.job_id))
                 queued.append(job)
-            if job.status.finished:
-                self._finished[job.job_id] = None
+        finished = [job for job in loaded if job.status.finished]
+        finished.sort(key=lambda job: job.completed_at or job.created_at)  # retention's order, as before the stop
+        self._finished = dict.fromkeys(job.job_id for job in finished)
         self.prune()
         self._compact()
         return queued
@@ -264,6 +270,10 @@ class JobStore:
             del self._finished[job_id], self.jobs[job_id]
             self._cold.pop(job_id, None)
             self._log_path(job_id).unlink(missing_ok=True)
+            try:
+                self._journal.remove(job_id)
+            except OSError as exc:  # then it comes back at a restart, to be removed again
+                log.error("cannot record the removal of job %s: %s", job_id, exc)
         if self._journal.lines > COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK:
             self._compact()
 
@@ -283,7 +293,7 @@ class JobStore:
         job.output_lines, job.output_bytes = len(lines), sum(len(line.encode()) + 1 for line in lines)
         job.transition(JobStatus.LOST, error=LOST_MESSAGE)
         self._repair(job, joblog)
-        self._write(job)
+        self.save(job)  # a read-only data folder still serves the jobs it holds
 
     def _repair(self, job: Job, joblog: JobLog) -> None:
         """A finished job's log that lacks its end (the disk failed, or the service died

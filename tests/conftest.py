@@ -26,8 +26,11 @@ from aiohttp.web import Application
 from streamsvc.app import create_app, server_options
 from streamsvc.config import Config
 from streamsvc.sandbox import Sandbox
+from streamsvc.store import JOURNAL
 
 PY = sys.executable
+#: what a crash leaves when it strikes in the middle of writing a frame
+TORN_FRAME = b'id: 99\nevent: output\ndata: {"line": "half of a li'
 #: a well-formed job id no job has
 UNKNOWN_JOB = "00000000-0000-4000-8000-000000000000"
 #: the bound on any wait for something that should happen at once (a job to start, a process to end)
@@ -184,11 +187,23 @@ async def eventually(condition: Callable[[], bool], what: str, *, bound_s: float
 
 def record_of(jobs_dir: Path, job_id: str) -> dict[str, Any]:
     """The job's newest record in the store's journal."""
-    records = [json.loads(line) for line in (jobs_dir / "records.jsonl").read_bytes().splitlines()]
+    records = [json.loads(line) for line in (jobs_dir / JOURNAL).read_bytes().splitlines()]
     mine = [record for record in records if record["job_id"] == job_id]
     assert mine, f"no record of {job_id}"
     record: dict[str, Any] = mine[-1]
     return record
+
+
+async def crash(client: Client, config: Config, job_id: str, log_tail: bytes = b"") -> dict[str, Any]:
+    """Stop the service as a crash (kill -9, power loss) would: the running job's record and log
+    stay as they were (the log followed by `log_tail`), not as a clean stop leaves them; the record."""
+    jobs_dir = config.server.data_dir / "jobs"
+    journal, log = (jobs_dir / JOURNAL).read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
+    saved = record_of(jobs_dir, job_id)
+    await client.close()
+    (jobs_dir / JOURNAL).write_bytes(journal)
+    (jobs_dir / f"{job_id}.log").write_bytes(log + log_tail)
+    return saved
 
 
 def lines_of(events: list[Event]) -> list[str]:

@@ -22,22 +22,26 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Application
 from conftest import (
     PY,
+    TORN_FRAME,
     ClientFactory,
     ConfigFactory,
     Event,
     Launch,
     Server,
     assert_numbered,
+    crash,
     eventually,
     follow,
     get_json,
     is_gone,
+    job_of,
     lines_of,
     post_job,
     read_sse,
     session,
     stream_of,
     submit,
+    wait_job,
     write_project,
 )
 
@@ -117,9 +121,6 @@ sys.stdout.flush()
 while not os.path.exists(release):
     time.sleep(0.01)
 """
-
-#: half a frame, as a crash in the middle of a log write leaves it
-TORN_FRAME = b"id: 99\nevent: out"
 
 
 @attrs.frozen
@@ -452,6 +453,30 @@ async def test_a_read_only_data_dir_refuses_new_jobs_with_503_and_serves_old_one
     finally:
         remount(small_disk, "rw")
     await assert_a_job_completes(client)
+
+
+async def test_a_job_running_at_a_crash_is_served_lost_when_the_data_dir_comes_back_read_only(
+    small_disk: Path, make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    """As after a crash and an ext4 remounted read-only: the service still starts, and serves
+    the job it cannot record as lost as lost, its log whole."""
+    config = make_config({"gate": [PY, "gate.py", str(tmp_path / "gate")]}, server={"data_dir": str(small_disk)})
+    client = await start(config)
+    job_id = await submit(client, "gate")
+    await wait_job(client, job_id, {"outputLines": 1})
+    await crash(client, config, job_id, log_tail=TORN_FRAME)
+    remount(small_disk, "ro")
+    try:
+        client = await start(config)
+        assert (await job_of(client, job_id))["status"] == "lost"
+        events = await follow(client, job_id)
+        assert_numbered(events)
+        assert [e.event for e in events] == ["status", "output", "status", "error"]
+        assert lines_of(events) == ["waiting"]
+        assert await (await client.get(f"/api/jobs/{job_id}/log")).text() == "waiting\n"
+        await assert_healthy(client)
+    finally:
+        remount(small_disk, "rw")
 
 
 async def read_to_end_filling_the_disk_at_waiting(

@@ -9,15 +9,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from conftest import (
     PY,
+    TORN_FRAME,
     Client,
     ClientFactory,
     ConfigFactory,
     Event,
     assert_numbered,
     collect,
+    crash,
     follow,
     get_data,
     is_gone,
@@ -34,7 +37,6 @@ from hypothesis import strategies as st
 from streamsvc import joblog as joblog_module
 from streamsvc import store as store_module
 from streamsvc.api import STORE
-from streamsvc.config import Config
 from streamsvc.errors import UnknownJob
 from streamsvc.joblog import JobLog, encode_frame, encode_output, parse_frames
 from streamsvc.models import JobStatus
@@ -48,8 +50,6 @@ print(f"pid {os.getpid()}", flush=True)
 while not os.path.exists(sys.argv[1]):
     time.sleep(0.01)
 """
-#: what a crash leaves when it strikes in the middle of writing a frame
-TORN_FRAME = b'id: 99\nevent: output\ndata: {"line": "half of a li'
 
 
 # --- helpers ----------------------------------------------------------------------------
@@ -59,18 +59,6 @@ async def log_of(client: Client, job_id: str) -> str:
     response = await client.get(f"/api/jobs/{job_id}/log")
     assert response.status == 200, await response.text()
     return await response.text()
-
-
-async def crash(client: Client, config: Config, job_id: str, log_tail: bytes = b"") -> dict[str, Any]:
-    """Stop the service as a crash (kill -9, power loss) would: the running job's record and log
-    stay as they were (the log followed by `log_tail`), not as a clean stop leaves them; the record."""
-    jobs_dir = config.server.data_dir / "jobs"
-    journal, log = (jobs_dir / JOURNAL).read_bytes(), (jobs_dir / f"{job_id}.log").read_bytes()
-    saved = record_of(jobs_dir, job_id)
-    await client.close()
-    (jobs_dir / JOURNAL).write_bytes(journal)
-    (jobs_dir / f"{job_id}.log").write_bytes(log + log_tail)
-    return saved
 
 
 def without_duration(job: dict[str, Any]) -> dict[str, Any]:
@@ -231,6 +219,36 @@ async def test_retention_keeps_only_the_newest_jobs(make_config: ConfigFactory, 
     await check(client)
     await client.close()
     await check(await start(config))
+
+
+async def test_retention_after_a_restart_keeps_the_jobs_that_finished_last_and_forgets_removed_ones(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    tools = {"slow": [PY, "gate.py", str(gate)], "hello": [PY, "hello.py"]}
+    config = make_config(tools, server={"retention_jobs": 2})
+    client = await start(config)
+    slow = await submit(client, "slow")  # made first, finished last
+    await wait_job(client, slow, "running")
+    quick = [await submit(client, "hello") for _ in range(2)]
+    for job_id in quick:
+        await follow(client, job_id)
+    gate.touch()
+    await follow(client, slow)
+    kept, gone = {slow, quick[1]}, quick[0]
+
+    async def check(client: Client) -> None:
+        assert {job["jobId"] for job in await get_data(client, "/api/jobs")} == kept
+        assert (await client.get(f"/api/jobs/{gone}")).status == 404
+        assert lines_of(await follow(client, slow)) == ["waiting", "released"]
+
+    await check(client)
+    await client.close()
+    client = await start(config)
+    await check(client)
+    await client.close()
+    # a removed job stays removed, even where retention would now have room for it
+    await check(await start(attrs.evolve(config, server=attrs.evolve(config.server, retention_jobs=10))))
 
 
 async def test_a_finished_job_is_kept_while_newer_jobs_are_unfinished(
