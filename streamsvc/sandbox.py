@@ -67,10 +67,11 @@ class Homes:
             if self._untouched(home):  # looked at again: it may have idled a long time
                 return home
             shutil.rmtree(home, ignore_errors=True)
-        if self._parent is None:
-            self._parent = Path(tempfile.mkdtemp(prefix="streamsvc-homes-"))
-            os.chmod(self._parent, 0o711)
-        home = Path(tempfile.mkdtemp(prefix="home-", dir=self._parent))
+        try:
+            home = Path(tempfile.mkdtemp(prefix="home-", dir=self._made_parent()))
+        except FileNotFoundError:  # the folder went (a cleaner of /tmp): a new one
+            self._parent = None
+            home = Path(tempfile.mkdtemp(prefix="home-", dir=self._made_parent()))
         if self.user is not None:
             try:
                 os.chown(home, *self.user)
@@ -78,6 +79,12 @@ class Homes:
                 os.rmdir(home)
                 raise
         return home
+
+    def _made_parent(self) -> Path:
+        if self._parent is None:
+            self._parent = Path(tempfile.mkdtemp(prefix="streamsvc-homes-"))
+            os.chmod(self._parent, 0o711)
+        return self._parent
 
     async def give_back(self, home: Path, reusable: bool) -> None:
         """Keep `home` for a later job if `reusable` (no process of its job is left) and it

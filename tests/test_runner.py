@@ -12,6 +12,7 @@ import fcntl
 import os
 import pwd
 import re
+import shutil
 import signal
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
@@ -376,6 +377,22 @@ async def test_every_job_gets_an_empty_private_home_whatever_the_last_one_left(
     homes = [home for home, _, _, _ in seen]
     assert homes[1] == homes[0] and homes[5] == homes[4]  # an untouched one is handed on
     assert len({homes[1], homes[2], homes[3], homes[4]}) == 3  # after a change, a new one
+
+
+async def test_jobs_still_get_a_home_after_a_cleaner_removed_the_folder_of_homes(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    tool = py_tool('import os; print(os.environ["HOME"], os.path.isdir(os.environ["HOME"]))')
+    client = await start(make_config({"home": tool}, queue={"workers": 1}))
+    homes = []
+    for _ in range(2):
+        events = await follow(client, await submit(client, "home"))
+        assert events[-1].data["status"] == "completed", events[-1].data
+        home, exists = lines_of(events)[0].split(" ")
+        assert exists == "True"
+        homes.append(Path(home))
+        await asyncio.to_thread(shutil.rmtree, Path(home).parent)  # as systemd-tmpfiles does to old folders
+    assert homes[0].parent != homes[1].parent
 
 
 async def test_tool_runs_in_its_own_session_and_process_group(make_config: ConfigFactory, start: ClientFactory) -> None:
