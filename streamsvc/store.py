@@ -316,11 +316,9 @@ class JobStore:
 
 
 def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
-    """What ends a finished job's log: its last status, then `complete` (or `error` when
-    the service lost it)."""
+    """What ends a finished job's log, whatever its status (`lost` too): its last status,
+    then `complete`. (Logs written before 2026-12 end a lost job with `error`.)"""
     status = ("status", {"status": job.status.value, "timestamp": now_ms()})
-    if job.status is JobStatus.LOST:
-        return [status, ("error", {"message": job.error or LOST_MESSAGE})]
     return [status, ("complete", job.execution_response(_tail_within(output, MAX_RESULT_BYTES)))]
 
 

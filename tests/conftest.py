@@ -206,6 +206,15 @@ async def crash(client: Client, config: Config, job_id: str, log_tail: bytes = b
     return saved
 
 
+def assert_ended_lost(events: list[Event]) -> None:
+    """The events of a job the service lost: its last status `lost`, then `complete` saying so."""
+    kinds = [e.event for e in events]
+    assert kinds[-2:] == ["status", "complete"] and "error" not in kinds, kinds
+    assert events[-2].data["status"] == "lost"
+    result = events[-1].data
+    assert result["status"] == "lost" and result["exitCode"] is None and result["error"], result
+
+
 def lines_of(events: list[Event]) -> list[str]:
     return [e.data["line"] for e in events if e.event == "output"]
 

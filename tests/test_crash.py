@@ -28,6 +28,7 @@ from conftest import (
     Event,
     Launch,
     Server,
+    assert_ended_lost,
     assert_numbered,
     crash,
     eventually,
@@ -214,11 +215,8 @@ async def wait_gone(pid: int, what: str) -> None:
         pytest.fail(f"{what} {pid} outlived the killed service by {GONE_BOUND_S} s")
 
 
-def assert_ended_lost(events: list[Event]) -> None:
-    kinds = [e.event for e in events]
-    assert kinds[-1] == "error", events[-1]
-    assert events[-1].data["message"]
-    assert kinds.count("error") == 1 and "complete" not in kinds
+def assert_ended_lost_after_running(events: list[Event]) -> None:
+    assert_ended_lost(events)
     assert [e.data["status"] for e in events if e.event == "status"] == ["running", "lost"]
 
 
@@ -254,7 +252,7 @@ async def test_kill_9_mid_job_loses_it_with_its_output_kept_and_the_queued_job_r
     assert_numbered(history)
     assert lines_of(history) == printed
     assert [(e.id, e.event, e.data) for e in history[: len(seen)]] == [(e.id, e.event, e.data) for e in seen]
-    assert_ended_lost(history)
+    assert_ended_lost_after_running(history)
     # every whole line the tool wrote before the kill, in order; the unended one is no line yet
     whole = log.split("\n")
     assert whole[-1] == ""
@@ -331,9 +329,9 @@ async def test_torn_log_tail_and_torn_records_left_by_a_kill_9_are_harmless(
 
     assert "event: out\n" not in raw and "id: 99" not in raw and "event: outid" not in raw
     assert_numbered(history)
-    assert {e.event for e in history} <= {"status", "output", "error"}
+    assert {e.event for e in history} <= {"status", "output", "complete"}
     assert lines_of(history) == printed
-    assert_ended_lost(history)
+    assert_ended_lost_after_running(history)
     assert [(e.id, e.event, e.data) for e in resumed] == [(e.id, e.event, e.data) for e in history[3:]]
     assert log == "".join(f"{line}\n" for line in printed) or log == "".join(
         f"{line}\n" for line in [*printed, "an unended line"]
@@ -471,7 +469,7 @@ async def test_a_job_running_at_a_crash_is_served_lost_when_the_data_dir_comes_b
         assert (await job_of(client, job_id))["status"] == "lost"
         events = await follow(client, job_id)
         assert_numbered(events)
-        assert [e.event for e in events] == ["status", "output", "status", "error"]
+        assert_ended_lost_after_running(events)
         assert lines_of(events) == ["waiting"]
         assert await (await client.get(f"/api/jobs/{job_id}/log")).text() == "waiting\n"
         await assert_healthy(client)
