@@ -10,12 +10,13 @@ from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .clients import client_address
 from .config import Config
 from .errors import (
     BadRequest,
+    PastLastEvent,
     StreamsvcError,
     Unauthorized,
     UnknownJob,
@@ -26,7 +27,7 @@ from .metrics import Metrics
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
-from .registry import Session, SessionRegistry, SessionResponse
+from .registry import Session, SessionRegistry, SessionResponse, abort
 from .store import JobStore
 from .uploads import spool
 
@@ -170,11 +171,15 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_log(request: web.Request) -> web.StreamResponse:
     joblog = await request.app[STORE].open_log(job_id_of(request))
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
-    for batch in joblog.event_batches(LOG_CHUNK_BYTES):  # what it holds now: a running job is not waited for
-        lines = [data["line"] + "\n" for _, kind, data in batch if kind == "output"]
-        await response.write("".join(lines).encode())
-        await asyncio.sleep(0)  # a long log must not hold the loop
+    await _prepare_unsized(response, request)
+    try:
+        for batch in joblog.event_batches(LOG_CHUNK_BYTES):  # what it holds now: a running job is not waited for
+            lines = [data["line"] + "\n" for _, kind, data in batch if kind == "output"]
+            await response.write("".join(lines).encode())
+            await asyncio.sleep(0)  # a long log must not hold the loop
+    except OSError:  # the log went (retention) while it was read: a cut body must not look whole
+        abort(request)
+        return response
     await response.write_eof()
     return response
 
@@ -188,8 +193,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
     tool = config.tools.get(store.get(job_id).tool_id)
     heartbeat_s = (tool.limits if tool else config.limits).heartbeat_s
     joblog = await store.open_log(job_id)
+    if joblog.finished and cursor >= joblog.last_seq:  # nothing follows, ever
+        if cursor > joblog.last_seq:
+            raise PastLastEvent(cursor, joblog.last_seq)  # the client's id is not from this job's log
+        return web.Response(status=204)  # an EventSource stops reconnecting at a 204
     response = SessionResponse(send_timeout=config.server.stream_stall_s)
-    await response.prepare(request)
+    await _prepare_unsized(response, request)
     session = Session(job_id, response, joblog, cursor, heartbeat_s)
     registry = request.app[REGISTRY]
     registry.add(session)
@@ -246,6 +255,16 @@ async def healthz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; open like /healthz (scrapers sit beside the service)."""
     return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def _prepare_unsized(response: web.StreamResponse, request: web.Request) -> None:
+    """Send the head of a response whose length is not known (chunked in HTTP/1.1). An
+    HTTP/1.0 body ends only when its connection does, so it is closed after it even if
+    the client asked to keep it alive."""
+    if request.version < HttpVersion11:
+        response.force_close()
+        response.headers["Connection"] = "close"  # (aiohttp-sse's head says keep-alive)
+    await response.prepare(request)
 
 
 def _last_event_id(request: web.Request) -> int:

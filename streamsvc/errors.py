@@ -77,6 +77,13 @@ class JobFinished(Conflict):
         super().__init__(f"job {job_id} has already finished ({status})")
 
 
+class PastLastEvent(Conflict):
+    code = "past_last_event"
+
+    def __init__(self, cursor: int, last: int) -> None:
+        super().__init__(f"Last-Event-ID {cursor} is past the job's last event ({last})")
+
+
 class UnsupportedMediaType(UserError):
     status = 415
     code = "unsupported_media_type"

@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Awaitable, Iterator
 
+from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .joblog import EventLog
@@ -83,8 +84,8 @@ class Session:
             await self._write(f"event: error\ndata: {message}\n\n".encode())
         except ConnectionError:
             return  # the subscriber left, or its stalled connection was aborted; it may resume
-        except OSError:
-            return  # the log vanished under us (retention); end the response
+        except OSError:  # the log vanished under us (retention): a cut stream must not look whole
+            self._abort()
         finally:
             self.log.unwatch(self._on_append)
 
@@ -92,9 +93,7 @@ class Session:
         """The registry's timer: abort the connection if one write has waited on the peer
         for `stall_s`; else ask for a heartbeat if the next tick would be too late for one."""
         if self.writing_since is not None and now - self.writing_since >= stall_s:
-            request = self.response._req  # aiohttp-sse aborts a stalled peer the same way
-            if request is not None and request.transport is not None:
-                request.transport.abort()
+            self._abort()
         elif now - self.last_beat >= self.heartbeat_s - tick_s:
             self.last_beat = now
             self.beat_due = True
@@ -127,9 +126,18 @@ class Session:
         finally:
             self.writing_since = None
 
+    def _abort(self) -> None:
+        abort(self.response._req)  # aiohttp-sse aborts a stalled peer the same way
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def abort(request: web.BaseRequest | None) -> None:
+    """Cut the connection: a response that cannot be completed must not look whole."""
+    if request is not None and request.transport is not None:
+        request.transport.abort()
 
 
 class SessionRegistry:

@@ -70,13 +70,80 @@ async def test_resume_with_header_and_with_query(make_config: ConfigFactory, sta
     assert by_header[0].id == 8
 
 
-async def test_resume_after_the_last_event_gets_nothing_but_the_end(
+async def test_resume_after_the_last_event_of_a_finished_job_gets_204_so_eventsource_stops(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
     client = await start(make_config({"hello": [PY, "hello.py"]}))
     job_id = await submit(client, "hello")
     everything = await follow(client, job_id)
-    assert await follow(client, job_id, **{"Last-Event-ID": str(everything[-1].id)}) == []
+    async with client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": str(everything[-1].id)}) as response:
+        assert response.status == 204 and await response.read() == b""
+
+
+async def test_resume_past_the_end_of_a_running_job_waits_for_it_and_of_a_finished_one_is_a_409(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    """A running job may still reach the id; a finished one never will, so a client with an
+    id from elsewhere is told, where a 200 would have it reconnect for nothing forever."""
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
+    job_id = await submit(client, "gate")
+    await wait_job(client, job_id, {"outputLines": 1})  # events 1 and 2: running, "waiting"
+    async with client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": "3"}) as ahead:
+        assert ahead.status == 200
+        gate.touch()  # then 3: "released", 4: status, 5: complete
+        events = [item async for item in read_sse(ahead) if isinstance(item, Event)]
+    assert [(e.id, e.event) for e in events] == [(4, "status"), (5, "complete")]
+    for resume in ({"headers": {"Last-Event-ID": "6"}}, {"params": {"lastEventId": "1000"}}):
+        response = await client.get(f"/api/stream/{job_id}", **resume)  # type: ignore[arg-type]
+        assert response.status == 409, await response.text()
+        error = (await response.json())["error"]
+        assert error["code"] == "past_last_event" and "last event (5)" in error["message"], error
+
+
+async def test_an_http_1_0_peer_asking_for_keep_alive_still_sees_each_body_end(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """A body without length or chunks ends only with its connection."""
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    job_id = await submit(client, "hello")
+    for path in (f"/api/stream/{job_id}", f"/api/jobs/{job_id}/log"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), BOUND_S)  # to the end of the connection
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and b"keep-alive" not in head.lower(), head
+        assert body.endswith(b"hello\nworld\n" if path.endswith("/log") else b"\n\n"), body[-80:]
+        assert b"event: complete" in body or path.endswith("/log")
+
+
+async def test_a_log_removed_by_retention_while_read_cuts_the_connection_not_the_body(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """The text log and a stream of a job retention removes mid-read end as broken
+    connections: a cut body never looks whole (and never carries a second response)."""
+    big_tool = [PY, "-c", "for i in range(100000): print(f'{i:08} ' + 'x' * 200)"]  # more than socket buffers hold
+    config = make_config({"big": big_tool, "hello": [PY, "hello.py"]}, server={"retention_jobs": 1})
+    client = await start(config)
+    big = await submit(client, "big")
+    await follow(client, big)
+    readers = []
+    for path in (f"/api/jobs/{big}/log", f"/api/stream/{big}"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port, limit=1 << 16)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # it falls behind at once
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        readers.append((reader, writer))
+    await follow(client, await submit(client, "hello"))  # retention removes the big job
+    assert (await client.get(f"/api/jobs/{big}")).status == 404
+    for reader, writer in readers:
+        raw = await asyncio.wait_for(reader.read(), BOUND_S)  # to the end of the connection
+        writer.close()
+        assert not raw.endswith(b"0\r\n\r\n"), raw[-200:]  # no last chunk: the client sees the cut
+        assert b"HTTP/1.1 500" not in raw
 
 
 async def test_live_subscriber_sees_lines_before_the_job_ends(
