@@ -32,7 +32,6 @@ from .store import JobStore
 from .webui import routes as page_routes
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
-SHUTDOWN_MESSAGE = "the service is shutting down; reconnect with Last-Event-ID to resume"
 
 
 def server_options() -> dict[str, Any]:
@@ -105,5 +104,9 @@ def _background(name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> Cle
 
 
 async def _close_streams(app: web.Application) -> None:
-    app[POOL].close()
-    app[REGISTRY].close_all(SHUTDOWN_MESSAGE)
+    """While the streams are still open: the running jobs end as `lost`, so that their
+    subscribers get that end, `complete` and all. Then every other stream (of a queued
+    job, which runs after the restart) ends without a terminal event: its client
+    reconnects with `Last-Event-ID`, as an EventSource does by itself, and misses nothing."""
+    await app[POOL].stop()
+    app[REGISTRY].close_all()

@@ -134,19 +134,11 @@ async def _follow(client: Client, job_id: str, after: int, args: argparse.Namesp
     end = printer.last
     if end is not None and end.event == "complete" and isinstance(end.data, dict):
         result = end.data
-    elif end is None or end.id is not None:  # nothing after `after`, or the log's own `error` (a lost job)
+    else:  # nothing after `after`, or an `error` (how logs written before 2026-12 end a lost job)
         result = await client.job(job_id)
-    else:  # an `error` outside the log: the service ended the stream (shutting down)
-        why = f"the service ended the stream: {_message(end)}"
-        raise Unreachable(f"{why}; {_resume(job_id, printer.last_id)}")
     if result.get("status") != "completed" and (result.get("exitCode") is None or result.get("truncated")):
         _note(args, f"job {job_id} {result.get('status')}: {result.get('error')}")
     return exit_status(result)
-
-
-def _message(event: Event | None) -> str:
-    data = event.data if event is not None else None
-    return str(data.get("message")) if isinstance(data, dict) else str(data)
 
 
 def _resume(job_id: str, last_id: int) -> str:

@@ -65,7 +65,7 @@ class WorkerPool:
 
     async def stop(self) -> None:
         """Accept nothing more; end running jobs as `lost` (their group killed); queued jobs
-        stay queued on disk and run after a restart."""
+        stay queued on disk and run after a restart. A second call does nothing more."""
         self.close()
         for run in self._runs.values():
             run.stop(JobStatus.LOST, LOST_MESSAGE)

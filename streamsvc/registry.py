@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Iterator
 
@@ -40,8 +39,8 @@ class Session:
         self.heartbeat_s = heartbeat_s
         self.events_sent = 0
         self.bytes_sent = 0
-        #: why the server ends this session, once it does
-        self.closing: str | None = None
+        #: the server is ending this session (it stops)
+        self.closing = False
         #: the loop time the write in progress began (None: not writing)
         self.writing_since: float | None = None
         self.last_beat = asyncio.get_running_loop().time()
@@ -50,28 +49,31 @@ class Session:
         #: the task waits on `_waiter` with everything up to the log's end written
         self._following = False
 
-    def close(self, message: str) -> None:
-        """End the session from the server's side with a final `error` event."""
-        if self.closing is None:
-            self.closing = message
-            self._wake()
+    def close(self) -> None:
+        """End the session from the server's side: at once, without a terminal event, if
+        its job goes on (the client resumes where it stopped); else after its end."""
+        self.closing = True
+        self._wake()
 
     async def serve(self, retry_ms: int) -> None:
-        """Replay, then follow live, until the job's terminal event, a close or a disconnect."""
+        """Replay, then follow live, until the job's terminal event, a disconnect or a close."""
         loop = asyncio.get_running_loop()
         self.log.watch(self._on_append)
         try:
             await self._write(f"retry: {retry_ms}\n\n".encode())
-            while self.closing is None:
+            while True:
                 if self.beat_due:
                     self.beat_due = False
                     await self._write(HEARTBEAT)
+                elif self.closing and not self.log.finished:  # the service stops; the job goes on after
+                    await self._end()
+                    return
                 elif self.cursor < self.log.last_seq:
                     blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
                     await self._write(blob)
                     self._sent(blob, cursor)
                 elif self.log.finished:
-                    await self._watched(self.response.write_eof())  # a peer may stall here too
+                    await self._end()
                     return
                 else:
                     self._waiter = loop.create_future()
@@ -80,8 +82,6 @@ class Session:
                         await self._waiter
                     finally:
                         self._following = False
-            message = json.dumps({"message": self.closing})
-            await self._write(f"event: error\ndata: {message}\n\n".encode())
         except ConnectionError:
             return  # the subscriber left, or its stalled connection was aborted; it may resume
         except OSError:  # the log vanished under us (retention): a cut stream must not look whole
@@ -114,6 +114,9 @@ class Session:
         self.events_sent += cursor - self.cursor
         self.bytes_sent += len(blob)
         self.cursor = cursor
+
+    async def _end(self) -> None:
+        await self._watched(self.response.write_eof())  # a peer may stall here too
 
     async def _write(self, blob: bytes) -> None:
         await self._watched(self.response.write(blob))
@@ -150,9 +153,13 @@ class SessionRegistry:
         self._sessions: dict[str, set[Session]] = {}
         self._closed_events = 0
         self._closed_bytes = 0
+        #: the service is stopping: every session is closed, new ones at once
+        self._closed = False
 
     def add(self, session: Session) -> None:
         self._sessions.setdefault(session.job_id, set()).add(session)
+        if self._closed:  # it began as the service stopped
+            session.close()
 
     def remove(self, session: Session) -> None:
         sessions = self._sessions[session.job_id]
@@ -185,9 +192,10 @@ class SessionRegistry:
                 except Exception:  # a bug must cost one stream its heartbeat, never every stream
                     log.exception("stream timer: session of job %s", session.job_id)
 
-    def close_all(self, message: str) -> None:
+    def close_all(self) -> None:
+        self._closed = True
         for session in self._all():
-            session.close(message)
+            session.close()
 
     def _all(self) -> Iterator[Session]:
         for sessions in self._sessions.values():

@@ -349,9 +349,9 @@ class Server:
 Launch = Callable[..., Awaitable[Server]]
 
 
-def spawn(args: tuple[str, ...], cwd: Path | None, env: dict[str, str], logs: Path) -> Server:
-    """Start `python -m streamsvc server ARGS` on a free port, its output in `logs`.out and `logs`.err."""
-    port = free_port()
+def spawn(args: tuple[str, ...], cwd: Path | None, env: dict[str, str], logs: Path, port: int | None = None) -> Server:
+    """Start `python -m streamsvc server ARGS` on `port` or a free one, its output in `logs`.out and `logs`.err."""
+    port = port or free_port()
     out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
     argv = [PY, "-m", "streamsvc", "server", *args, "--host", "127.0.0.1", "--port", str(port)]
     with out.open("wb") as stdout, err.open("wb") as stderr:
@@ -361,14 +361,16 @@ def spawn(args: tuple[str, ...], cwd: Path | None, env: dict[str, str], logs: Pa
 
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Launch]:
-    """Start `python -m streamsvc server ARGS --host 127.0.0.1 --port <free>` (in `cwd`, with `env` or
-    `child_env()`) and wait until it says it serves; stopped by the fixture."""
+    """Start `python -m streamsvc server ARGS --host 127.0.0.1 --port <port or a free one>` (in `cwd`,
+    with `env` or `child_env()`) and wait until it says it serves; stopped by the fixture."""
     servers: list[Server] = []
     logs = tmp_path / "logs"
 
-    async def factory(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Server:
+    async def factory(
+        *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, port: int | None = None
+    ) -> Server:
         logs.mkdir(exist_ok=True)
-        server = spawn(args, cwd, env or child_env(), logs / str(len(servers)))
+        server = spawn(args, cwd, env or child_env(), logs / str(len(servers)), port)
         servers.append(server)
         proc, serving = server.proc, f"serving on {server.url}"
         await eventually(

@@ -697,30 +697,35 @@ def test_with_a_token_the_page_asks_for_it_then_works(tmp_path: Path, open_page:
         server.stop()
 
 
-def test_after_the_service_restarts_reconnect_picks_up_where_the_page_stopped(
+def test_a_stopping_service_ends_a_running_job_as_lost_on_the_page_and_a_queued_one_resumes_after_the_restart(
     tmp_path: Path, open_page: PageFactory
 ) -> None:
     servers = [start_server(("--config", str(write_service(tmp_path))), tmp_path)]
     try:
-        page = open_page()
-        page.goto(servers[0].url)
-        job_id = run_from_page(page, "steps")
-        expect(log_lines(page)).to_have_text(lines(1, 3))
+        service = Service(servers[0], tmp_path / "gates")
+        running = open_page()
+        running.goto(servers[0].url)
+        lost_id = run_from_page(running, "steps")
+        expect(log_lines(running)).to_have_text(lines(1, 3))
+        submit(service, "hold")  # both workers busy: the next job waits
+        queued = open_page()
+        queued.goto(servers[0].url)
+        queued_id = run_from_page(queued, "quick")
+        expect(queued.locator("#badge")).to_have_text("queued")
 
-        servers[0].stop()  # SIGTERM: the service ends every stream with an `error` event, then stops
-        expect(page.locator("#job-error")).to_contain_text("shutting down")
-        expect(page.locator("#conn")).to_have_attribute("data-state", "lost")
-        expect(page.locator("#resume")).to_be_visible()
+        servers[0].stop()  # SIGTERM: the running jobs end as lost, on their streams; then it stops
+        expect(running.locator("#badge")).to_have_text("lost")
+        expect(running.locator("#job-error")).to_contain_text("stopped while the job ran")
+        expect(running.locator("#conn")).to_have_attribute("data-state", "idle")
+        expect(log_lines(running)).to_have_text(lines(1, 3))
+        expect(queued.locator("#conn")).to_have_attribute("data-state", "reconnecting")  # by itself
 
         servers.append(start_server(("--config", str(tmp_path / "streamsvc.toml")), tmp_path, servers[0].port))
-        page.click("#resume")
-        job = job_of(Service(servers[1], tmp_path / "gates"), job_id)
-        assert job["status"] == "lost"  # it was running when the service stopped
-        expect(page.locator("#badge")).to_have_text("lost")
-        expect(page.locator("#job-error")).to_have_text(job["error"])
-        expect(log_lines(page)).to_have_text(lines(1, 3))  # resumed after the last event: nothing twice
-        expect(page.locator("#resume")).to_be_hidden()
-        expect(page.locator("#conn")).to_have_attribute("data-state", "idle")
+        expect(queued.locator("#badge")).to_have_text("completed")  # the browser came back with Last-Event-ID
+        expect(log_lines(queued)).to_have_text(["hello", "world"])
+        expect(queued.locator("#conn")).to_have_attribute("data-state", "idle")
+        assert job_of(Service(servers[1], tmp_path / "gates"), lost_id)["status"] == "lost"
+        assert job_of(Service(servers[1], tmp_path / "gates"), queued_id)["status"] == "completed"
     finally:
         for server in servers:
             server.stop()

@@ -88,9 +88,10 @@ def toml(sections: dict[str, dict[str, Any]]) -> str:
 
 @pytest.fixture
 def serve(tmp_path: Path, launch: Launch) -> Any:
-    """Start a service with the test project and tools; `server` keys on top (e.g. auth_token)."""
+    """Start a service with the test project and tools; `server` keys on top (e.g. auth_token), on
+    `port` if given, with `workers` if given."""
 
-    async def factory(**server: Any) -> Server:
+    async def factory(*, port: int | None = None, workers: int | None = None, **server: Any) -> Server:
         project = write_project(tmp_path / "projects")
         for name, body in SCRIPTS.items():
             (project / name).write_text(textwrap.dedent(body))
@@ -98,10 +99,12 @@ def serve(tmp_path: Path, launch: Launch) -> Any:
             "server": {"data_dir": "data", "retry_ms": 100} | server,
             "projects": {"root": "projects"},
         }
+        if workers is not None:
+            sections["queue"] = {"workers": workers}
         sections |= {f"tools.{tool_id}": spec for tool_id, spec in tools(tmp_path).items()}
         config = tmp_path / "streamsvc.toml"
         config.write_text(toml(sections))
-        return await launch("--config", str(config))
+        return await launch("--config", str(config), port=port)
 
     return factory
 
@@ -288,23 +291,25 @@ async def test_a_second_ctrl_c_quits_at_once_after_the_cancel_was_sent(serve: An
     await eventually_status(server, job_id, "cancelled")
 
 
-async def test_a_stream_the_service_ends_exits_69_and_watch_after_a_restart_exits_75(
+async def test_run_of_a_job_the_stopping_service_loses_exits_75_and_run_of_a_queued_one_lives_through_the_restart(
     serve: Any, tmp_path: Path
 ) -> None:
-    server = await serve()
+    server = await serve(workers=1)
     running = await start_cli("run", "gate", "proj", "--url", server.url)
     job_id = await running.job_id()
     assert await running.stdout_line() == "waiting"
+    queued = await start_cli("run", "hello", "proj", "--url", server.url)  # one worker: it waits
+    await queued.job_id()
     server.proc.send_signal(signal.SIGTERM)
     done = await running.finish()
-    assert done.code == 69, done
-    assert done.err_lines[-1].startswith("streamsvc: the service ended the stream: the service is shutting down")
-    waiting = re.search(rf"resume with: python -m streamsvc watch {job_id} --from (\d+)$", done.err_lines[-1])
-    assert waiting, done.err
-    again = await serve()
-    watched = await cli("watch", job_id, "--from", waiting[1], "--url", again.url)
-    assert (watched.code, watched.out) == (75, ""), watched
-    assert watched.err_lines == [f"streamsvc: job {job_id} lost: the service stopped while the job ran"]
+    assert (done.code, done.out) == (75, "waiting\n"), done
+    assert done.err_lines[-1] == f"streamsvc: job {job_id} lost: the service stopped while the job ran"
+    await asyncio.to_thread(server.proc.wait, HTTP_BOUND_S)  # its port is free again
+    again = await serve(workers=1, port=server.port)
+    followed = await queued.finish()  # it reconnected with Last-Event-ID once the service was back
+    assert (followed.code, followed.out) == (0, "hello\nworld\n"), followed
+    watched = await cli("watch", job_id, "--from", "1", "--url", again.url)
+    assert (watched.code, watched.out) == (75, "waiting\n"), watched
 
 
 async def test_a_reader_that_goes_away_ends_run_like_a_pipeline_without_a_traceback(serve: Any, tmp_path: Path) -> None:

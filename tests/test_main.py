@@ -27,6 +27,7 @@ from conftest import (
     assert_gone,
     assert_numbered,
     child_env,
+    collect,
     free_port,
     get_json,
     is_gone,
@@ -278,7 +279,7 @@ HANG = """
 
 
 def hang_config(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """The config (tool `hang` on project `p`), the pid folder and the gate."""
+    """The config (tools `hang` and `hello` on project `p`, one worker), the pid folder and the gate."""
     pids, gate = tmp_path / "pids", tmp_path / "gate"
     pids.mkdir()
     project = tmp_path / "etc" / "projects" / "p"
@@ -289,10 +290,14 @@ def hang_config(tmp_path: Path) -> tuple[Path, Path, Path]:
         data_dir = "data"
         [projects]
         root = "projects"
+        [queue]
+        workers = 1
         [tools.hang]
         argv = [{PY!r}, "hang.py", {str(pids)!r}, {str(gate)!r}]
         timeout_s = 120
         kill_grace_s = {KILL_GRACE_S}
+        [tools.hello]
+        argv = [{PY!r}, "-c", "print('hello')"]
     """
     return write_config(tmp_path / "etc", config), pids, gate
 
@@ -310,7 +315,7 @@ def released(pids: Path, gate: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_after_restart(
+async def test_a_signal_ends_the_running_job_as_lost_on_its_stream_and_the_queued_job_runs_after_restart(
     tmp_path: Path, launch: Launch, signum: signal.Signals
 ) -> None:
     path, pids, gate = hang_config(tmp_path)
@@ -319,8 +324,12 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
         async with session() as http:
             await wait_ready(server, http)
             job_id = await post_job(http, server, "hang", "p")
-            async with http.get(f"{server.url}/api/stream/{job_id}") as response:
-                assert response.status == 200
+            queued_id = await post_job(http, server, "hello", "p")  # one worker: it waits
+            async with (
+                http.get(f"{server.url}/api/stream/{job_id}") as response,
+                http.get(f"{server.url}/api/stream/{queued_id}") as queued_response,
+            ):
+                assert response.status == queued_response.status == 200
                 events: list[Event] = []
                 async for item in read_sse(response):
                     if isinstance(item, Event):
@@ -333,13 +342,14 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
                 assert not is_gone(tool_pid) and not is_gone(grandchild_pid)
 
                 server.proc.send_signal(signum)
+                # the running job's subscriber sees it end, as lost, before the service goes
                 events += [item async for item in read_sse(response) if isinstance(item, Event)]
+                # the queued job's stream just ends: its job goes on after the restart
+                assert await collect(queued_response) == []
 
-            assert events[-1].event == "error", events[-1]
-            assert events[-1].data["message"]
-            assert [e.event for e in events].count("error") == 1
-            assert "complete" not in [e.event for e in events]
-
+            assert_numbered(events)
+            assert_ended_lost(events)
+            assert [e.data["status"] for e in events if e.event == "status"] == ["running", "lost"]
             assert await wait_exit(server, KILL_GRACE_S + 10) == 0
             assert "Traceback" not in server.stderr(), server.stderr()
             await assert_gone(tool_pid)  # the tool and its grandchild did not outlive the service
@@ -348,14 +358,10 @@ async def test_signal_ends_streams_and_tools_then_exits_0_and_the_job_is_lost_af
             again = await launch("--config", str(path), cwd=tmp_path)
             await wait_ready(again, http)
             job = await get_json(http, f"{again.url}/api/jobs/{job_id}")
-            assert job["status"] == "lost"
-            assert job["completedAt"] is not None
-            history = await stream_of(http, again, job_id)
-
-    assert_numbered(history)
-    assert outputs(history) == ["started"]
-    assert_ended_lost(history)
-    assert [e.data["status"] for e in history if e.event == "status"] == ["running", "lost"]
+            assert (job["status"], job["outputLines"]) == ("lost", 1)
+            assert await stream_of(http, again, job_id) == events  # the same story, from the log
+            resumed = await stream_of(http, again, queued_id, **{"Last-Event-ID": "0"})
+            assert outputs(resumed) == ["hello"] and resumed[-1].data["status"] == "completed"
 
 
 async def test_the_served_app_takes_its_start_up_objects_out_of_the_gcs_view(

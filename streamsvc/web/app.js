@@ -627,24 +627,18 @@
     diagnose(state.jobId);
   }
 
-  /** The service's own `error` event ends this stream. With a new id it is the job's last event
-   * (the job ended in error, e.g. it was lost); without one, the service is stopping and the job
-   * may go on: Reconnect resumes after the last event shown. */
+  /** The service's own `error` event is a job's last event (logs written before 2026-12 end a
+   * lost job so). A stopping service ends the stream without one: the browser reconnects. */
   function onServerError(event) {
-    const jobOver = isNew(event);
+    if (!isNew(event)) return;
     const message = dataOf(event)?.message || "The stream ended with an error.";
     endStream();
     flush(state.view, Infinity);
     $("job-error").textContent = message;
     $("job-error").hidden = false;
-    if (jobOver) {
-      setConn("idle");
-      refreshRecord(state.jobId);
-      refreshJobs();
-    } else {
-      setConn("lost");
-      $("resume").hidden = false;
-    }
+    setConn("idle");
+    refreshRecord(state.jobId);
+    refreshJobs();
   }
 
   async function refreshRecord(jobId) {
