@@ -23,6 +23,8 @@ from .sandbox import Jail, Sandbox
 MIN_LINE_CHARGE = 16
 #: how long a killed process tree may take to be gone before we stop waiting for it
 REAP_BOUND_S = 10.0
+#: how often a stopped job's group is looked at during its grace, once the tool itself has exited
+GROUP_POLL_S = 0.02
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 #: takes a batch of output lines of one stream ("stdout" or "stderr"), in arrival order
@@ -115,14 +117,16 @@ class Run:
             return Outcome(JobStatus.FAILED, error=f"cannot start {self.spec.argv[0]!r}: {reason}")
         async with _exit_of(child) as exited, _Pipes(child, self._emit, self.spec.limits.max_line_bytes) as pipes:
             try:
-                await self._supervise(child.pid, exited)
+                await self._supervise(child, exited)
                 self._exited = True
             finally:
                 await self._drain(child.pid, jail, pipes)
         return self._outcome(child.returncode, jail)
 
-    async def _supervise(self, pid: int, exited: asyncio.Future[None]) -> None:
-        """Wait for the exit, a stop or the timeout; on the last two, TERM then KILL the group."""
+    async def _supervise(self, child: subprocess.Popen[bytes], exited: asyncio.Future[None]) -> None:
+        """Wait for the exit, a stop or the timeout; on the last two, TERM the group, and KILL
+        what is left of it after the grace (the tool's children get all of it too)."""
+        pid = child.pid
         stopped = asyncio.ensure_future(self._stopped.wait())
         either: set[asyncio.Future[Any]] = {exited, stopped}
         try:
@@ -131,7 +135,11 @@ class Run:
                 return
             self.stop(JobStatus.TIMEOUT, f"timed out after {self.spec.limits.timeout_s:g} s")
             _signal_group(pid, signal.SIGTERM)
+            deadline = asyncio.get_running_loop().time() + self.spec.limits.kill_grace_s
             await asyncio.wait({exited}, timeout=self.spec.limits.kill_grace_s)
+            if exited.done():
+                child.wait()  # reaped (it has exited), so that only the rest of its group counts
+                await _group_gone(pid, deadline)
         finally:
             stopped.cancel()
             if not exited.done():
@@ -323,6 +331,20 @@ def _split_at(raw: bytes, limit: int) -> tuple[bytes, bytes]:
     while cut > limit - 3 and (raw[cut] & 0xC0) == 0x80:
         cut -= 1
     return raw[:cut], raw[cut:]
+
+
+async def _group_gone(pgid: int, deadline: float) -> None:
+    """Until no process is left in the group, or `deadline` (loop time): a look every
+    GROUP_POLL_S. (No event tells of a group's end; this runs only while a job is stopped.)"""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            pass  # someone's left in it that we may not signal: it is not gone
+        await asyncio.sleep(min(GROUP_POLL_S, max(deadline - loop.time(), 0)))
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -433,8 +433,7 @@ async def test_timeout_terminates_the_tool_and_its_grandchild(
     make_config: ConfigFactory, start: ClientFactory, reaper: Reaper, tmp_path: Path
 ) -> None:
     term_file = tmp_path / "grandchild-got-sigterm"
-    # On SIGTERM the tool waits for its grandchild, then dies of SIGTERM: the service kills
-    # the group the moment the tool is gone, so a grandchild still writing would be cut short.
+    # On SIGTERM the tool waits for its grandchild, then dies of SIGTERM.
     then = """
         def on_term(signum, frame):
             child.wait()
@@ -523,6 +522,40 @@ async def test_cancel_of_a_running_job_ends_its_whole_group(
     assert term_file.read_text() == "TERM"
     assert (await done.job())["status"] == "cancelled"
     assert (await client.delete(f"/api/jobs/{job_id}")).status == 409
+
+
+async def test_a_cancelled_tools_children_get_the_whole_grace_even_when_the_tool_exits_at_once(
+    make_config: ConfigFactory, start: ClientFactory, reaper: Reaper
+) -> None:
+    # the tool exits the moment SIGTERM comes; its child (in its process group) cleans up first
+    body = """
+        import os, signal, subprocess, sys, time
+        child = (
+            "import os, signal, time\\n"
+            "def on_term(signum, frame):\\n"  # (os.write: the signal may come inside a print)
+            "    os.write(1, b'child cleaning\\\\n')\\n"
+            "    time.sleep(0.3)\\n"
+            "    os.write(1, b'child cleaned\\\\n')\\n"
+            "    os._exit(0)\\n"
+            "signal.signal(signal.SIGTERM, on_term)\\n"
+            "print('child ready', flush=True)\\n"
+            "time.sleep(60)\\n"
+        )
+        print(f"tool {os.getpid()}", flush=True)
+        subprocess.Popen([sys.executable, "-c", child])
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        time.sleep(60)
+    """
+    client = await start(make_config({"t": py_tool(body, timeout_s=60, kill_grace_s=30)}))
+    job_id = await submit(client, "t")
+
+    async def cancel() -> None:
+        assert (await client.delete(f"/api/jobs/{job_id}")).status == 202
+
+    done = await follow_acting(client, job_id, "child ready", cancel)
+    assert done.lines[-2:] == ["child cleaning", "child cleaned"], done.lines  # not cut short by a SIGKILL
+    assert done.result["status"] == "cancelled"
+    await assert_gone(reaper.track(done.pid("tool")))
 
 
 # --- how output becomes lines -----------------------------------------------------------
