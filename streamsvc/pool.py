@@ -224,14 +224,16 @@ class WorkerPool:
         return outcome
 
     def _finish(self, job: Job, outcome: Outcome, output: Sequence[str]) -> None:
+        """End the job: its record, its client's quota and its log (its streams) first, so
+        that a fault in the bookkeeping after them cannot leave a stream without its end."""
         job.exit_code, job.signal, job.truncated = outcome.exit_code, outcome.signal, outcome.truncated
         job.transition(outcome.status, error=outcome.error)
+        self.quotas.release(job.client)
+        self.store.finish(job, output)
         if job.duration_ms is not None and outcome.status is not JobStatus.LOST:
             self._durations_ms.append(job.duration_ms)
         self.finished_counts[job.status] += 1
         self.metrics.finished(job)
-        self.quotas.release(job.client)
-        self.store.finish(job, output)
         fields = {"jobId": job.job_id, "status": job.status.value, "exitCode": job.exit_code, "signal": job.signal}
         log.info(
             "job %s %s: exit=%s signal=%s duration=%sms error=%s",

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     PY,
     Client,
@@ -315,3 +316,26 @@ async def test_a_new_job_wakes_one_idle_worker_and_the_others_stay_parked(
     gate.touch()
     assert (await follow(client, job_id))[-1].data["status"] == "completed"
     await eventually(lambda: len(pool._idle) == 8, "the worker parked again")
+
+
+async def test_a_fault_in_a_jobs_bookkeeping_still_ends_its_stream_and_frees_its_clients_slot(
+    make_config: ConfigFactory, start: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (here: the metrics fail once) costs one job's bookkeeping, never a stream that
+    waits for an end forever, a client's slot, or the worker."""
+    client = await start(make_config({"hello": [PY, "hello.py"]}, clients={"max_active": 1}))
+    metrics = client.app[POOL].metrics
+    calls: list[str] = []
+
+    def fails_once(job: Any) -> None:
+        calls.append(job.job_id)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the metrics")
+
+    monkeypatch.setattr(metrics, "finished", fails_once)
+    first = await submit(client, "hello")
+    events = await follow(client, first)  # ends: its log got its end before the fault
+    assert events[-1].event == "complete" and events[-1].data["status"] == "completed"
+    second = await submit(client, "hello")  # max_active 1: accepted only if the first's slot was freed
+    assert (await follow(client, second))[-1].data["status"] == "completed"
+    assert calls == [first, second]
