@@ -229,9 +229,10 @@ async def test_retention_after_a_restart_keeps_the_jobs_that_finished_last_and_f
     client = await start(config)
     slow = await submit(client, "slow")  # made first, finished last
     await wait_job(client, slow, "running")
-    quick = [await submit(client, "hello") for _ in range(2)]
-    for job_id in quick:
-        await follow(client, job_id)
+    quick = []
+    for _ in range(2):  # one after the other: they finish in this order
+        quick.append(await submit(client, "hello"))
+        await follow(client, quick[-1])
     gate.touch()
     await follow(client, slow)
     kept, gone = {slow, quick[1]}, quick[0]
