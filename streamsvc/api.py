@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .models import JobStatus
 from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
-from .registry import Session, SessionRegistry, SessionResponse, abort
+from .registry import Session, SessionRegistry, SessionResponse
 from .store import JobStore
 from .uploads import spool
 
@@ -178,7 +178,8 @@ async def job_log(request: web.Request) -> web.StreamResponse:
             await response.write("".join(lines).encode())
             await asyncio.sleep(0)  # a long log must not hold the loop
     except OSError:  # the log went (retention) while it was read: a cut body must not look whole
-        abort(request)
+        if request.transport is not None:
+            request.transport.abort()
         return response
     await response.write_eof()
     return response
@@ -198,14 +199,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             raise PastLastEvent(cursor, joblog.last_seq)  # the client's id is not from this job's log
         return web.Response(status=204)  # an EventSource stops reconnecting at a 204
     response = SessionResponse(send_timeout=config.server.stream_stall_s)
-    await _prepare_unsized(response, request)
-    session = Session(job_id, response, joblog, cursor, heartbeat_s)
-    registry = request.app[REGISTRY]
-    registry.add(session)
-    try:
-        await session.serve(config.server.retry_ms)
-    finally:
-        registry.remove(session)
+    await response.prepare(request)
+    await response.write(f"retry: {config.server.retry_ms}\n\n".encode())  # the head goes out with it
+    Session(job_id, joblog, cursor, heartbeat_s, request.app[REGISTRY]).attach(request, response)
     return response
 
 

@@ -36,9 +36,8 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 def server_options() -> dict[str, Any]:
     """The access log of the HTTP server around the app (`web.run_app`, test servers):
-    one line per request, secrets hidden. The server must also cancel a handler when its
-    client leaves (`handler_cancellation=True`, as aiohttp's test server does): that is
-    how a stream's session learns that its subscriber is gone."""
+    one line per request, secrets hidden (a stream's line is written when its session
+    takes the connection over, so its time is the time to its head)."""
     return {"access_log_class": AccessLogger, "access_log": logging.getLogger("aiohttp.access")}
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from .joblog import EventLog
@@ -15,132 +16,165 @@ log = logging.getLogger(__name__)
 
 #: at most this much is handed to one socket write (a slow reader holds no more than this)
 MAX_WRITE_BYTES = 256 * 1024
+#: at most this many such writes per turn of the loop when a session catches up
+PUMP_WRITES = 4
 HEARTBEAT = b": ping\n\n"
 
 
-class Session:
-    """One subscriber of one job. It writes everything after its cursor in one write, so a
-    slow reader only falls behind in the log, which keeps the bytes.
+class Session(asyncio.Protocol):
+    """One subscriber of one job, fed from the job's log with no task of its own.
 
-    It is one task that waits on one future of its own, resolved by the log's call at an
-    append, by the registry's timer when a heartbeat is due, or by `close()` when the
-    server ends the stream. While it waits with nothing unsent, the log's call writes what
-    is new itself, when the socket takes it without waiting (see `_on_append`). A client
-    that leaves cancels the handler (the server runs with handler cancellation); a write
-    stalled on its peer is aborted by the registry's timer."""
+    Once its response's head and first frame are out, the session takes the connection
+    over from aiohttp (`attach`): it becomes the transport's protocol, and aiohttp forgets
+    the connection, its request and its handler (about 9 KiB a stream). From then on it
+    writes, chunk-framed, everything after its cursor: when the log appends (`_on_append`),
+    when the socket takes more (`resume_writing`), when a heartbeat is due (the registry's
+    timer, which also cuts a peer whose socket has taken nothing for `stall_s`). A slow
+    reader only falls behind in the log, which keeps the bytes. The response ends with the
+    job's terminal event, or at a `close()`, and the connection with it."""
 
     def __init__(
-        self, job_id: str, response: SessionResponse, joblog: EventLog, cursor: int, heartbeat_s: float
+        self, job_id: str, joblog: EventLog, cursor: int, heartbeat_s: float, registry: SessionRegistry
     ) -> None:
         self.job_id = job_id
-        self.response = response
         self.log = joblog
         self.cursor = cursor
         self.heartbeat_s = heartbeat_s
+        self.registry = registry
         self.events_sent = 0
         self.bytes_sent = 0
-        #: the server is ending this session (it stops)
-        self.closing = False
-        #: the loop time the write in progress began (None: not writing)
+        self.transport: asyncio.Transport | None = None
+        self.chunked = True
+        #: the socket takes no more for now (its buffer is over the high-water mark)
+        self.paused = False
+        #: the loop time the socket stopped taking writes (None: it takes them)
         self.writing_since: float | None = None
         self.last_beat = asyncio.get_running_loop().time()
-        self.beat_due = False
-        self._waiter: asyncio.Future[None] | None = None
-        #: the task waits on `_waiter` with everything up to the log's end written
-        self._following = False
+        #: the server is ending this session (it stops)
+        self.closing = False
+        #: the response has ended, or the connection has gone
+        self.done = False
+
+    def attach(self, request: web.BaseRequest, response: SessionResponse) -> bool:
+        """Take the connection of `request`, whose response has sent its head, over from
+        aiohttp: whether it was still open to take."""
+        transport = request.transport
+        handler = request.protocol
+        if transport is None or transport.is_closing() or not isinstance(transport, asyncio.Transport):
+            return False
+        response.hand_over()
+        self.chunked = response.headers.get("Transfer-Encoding") == "chunked"  # (not to an HTTP/1.0 peer)
+        self.transport = transport
+        transport.set_protocol(self)
+        handler.transport = None  # aiohttp must not close it when its request is done ...
+        request.task.add_done_callback(lambda _: handler.connection_lost(None))  # ... and then lets go
+        if not transport.is_reading():
+            transport.resume_reading()  # to see the peer leave
+        self.registry.add(self)
+        self.log.watch(self._on_append)
+        self._pump()
+        return True
 
     def close(self) -> None:
         """End the session from the server's side: at once, without a terminal event, if
         its job goes on (the client resumes where it stopped); else after its end."""
         self.closing = True
-        self._wake()
-
-    async def serve(self, retry_ms: int) -> None:
-        """Replay, then follow live, until the job's terminal event, a disconnect or a close."""
-        loop = asyncio.get_running_loop()
-        self.log.watch(self._on_append)
-        try:
-            await self._write(f"retry: {retry_ms}\n\n".encode())
-            while True:
-                if self.beat_due:
-                    self.beat_due = False
-                    await self._write(HEARTBEAT)
-                elif self.closing and not self.log.finished:  # the service stops; the job goes on after
-                    await self._end()
-                    return
-                elif self.cursor < self.log.last_seq:
-                    blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
-                    await self._write(blob)
-                    self._sent(blob, cursor)
-                elif self.log.finished:
-                    await self._end()
-                    return
-                else:
-                    self._waiter = loop.create_future()
-                    self._following = True
-                    try:
-                        await self._waiter
-                    finally:
-                        self._following = False
-        except ConnectionError:
-            return  # the subscriber left, or its stalled connection was aborted; it may resume
-        except OSError:  # the log vanished under us (retention): a cut stream must not look whole
-            self._abort()
-        finally:
-            self.log.unwatch(self._on_append)
+        if not self.log.finished:
+            self._end()
+        elif not self.paused:
+            self._pump()
 
     def tick(self, now: float, tick_s: float, stall_s: float) -> None:
-        """The registry's timer: abort the connection if one write has waited on the peer
-        for `stall_s`; else ask for a heartbeat if the next tick would be too late for one."""
+        """The registry's timer: abort the connection if its socket has taken nothing for
+        `stall_s`; else write a heartbeat if the next tick would be too late for one."""
+        if self.done:
+            return
         if self.writing_since is not None and now - self.writing_since >= stall_s:
-            self._abort()
+            self.abort()
         elif now - self.last_beat >= self.heartbeat_s - tick_s:
             self.last_beat = now
-            self.beat_due = True
-            self._wake()
+            self._send(HEARTBEAT)
+
+    def abort(self) -> None:
+        """Cut the connection: what was sent cannot be completed and must not look whole."""
+        self.done = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- the transport's calls (asyncio.Protocol) ------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.writing_since = asyncio.get_running_loop().time()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.writing_since = None
+        self._pump()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # a subscriber has nothing more to say; what it sends is dropped
+
+    def eof_received(self) -> bool:
+        return False  # the peer is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done = True
+        self.log.unwatch(self._on_append)
+        self.registry.remove(self)
+
+    # --- writing ----------------------------------------------------------------------------
 
     def _on_append(self, frames: bytes, after: int) -> None:
-        """The log's call after an append. While following, the new frames go out from here
-        when the socket's buffer is empty: no task switch per event, which was most of a
-        live event's cost. A lagging peer and the log's end wake the task, which waits for
-        the peer (watched for a stall) and ends the stream."""
-        following = self._following and self.cursor == after and not self.log.finished
-        if following and self.response.write_now(frames):
+        """The log's call after an append: the new frames go out at once if the session had
+        everything before them and the socket takes more; else the pump catches up."""
+        if self.done or self.paused:
+            return  # `resume_writing` pumps
+        if self.cursor == after:
+            self._send(frames)
             self._sent(frames, self.log.last_seq)
+            if self.log.finished:
+                self._end()
         else:
-            self._wake()
+            self._pump()
+
+    def _pump(self) -> None:
+        """Write what the log holds after the cursor while the socket takes it, a bounded
+        amount per turn of the loop; end the response at the job's end, or at a close if
+        the job goes on."""
+        for _ in range(PUMP_WRITES):
+            if self.done or self.paused:
+                return
+            if self.closing and not self.log.finished:
+                return self._end()
+            if self.cursor >= self.log.last_seq:
+                if self.log.finished:
+                    self._end()
+                return  # following: the log's call brings what comes next
+            try:
+                blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
+            except OSError:  # the log vanished under us (retention)
+                return self.abort()
+            self._send(blob)
+            self._sent(blob, cursor)
+        asyncio.get_running_loop().call_soon(self._pump)  # more to write: after others had a turn
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None and not self.done:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
     def _sent(self, blob: bytes, cursor: int) -> None:
         self.events_sent += cursor - self.cursor
         self.bytes_sent += len(blob)
         self.cursor = cursor
 
-    async def _end(self) -> None:
-        await self._watched(self.response.write_eof())  # a peer may stall here too
-
-    async def _write(self, blob: bytes) -> None:
-        await self._watched(self.response.write(blob))
-
-    async def _watched(self, write: Awaitable[None]) -> None:
-        """Await a write to the peer, watched by the registry's timer for a stall."""
-        self.writing_since = asyncio.get_running_loop().time()
-        try:
-            await write
-        finally:
-            self.writing_since = None
-
-    def _abort(self) -> None:
-        abort(self.response._req)  # aiohttp-sse aborts a stalled peer the same way
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-
-def abort(request: web.BaseRequest | None) -> None:
-    """Cut the connection: a response that cannot be completed must not look whole."""
-    if request is not None and request.transport is not None:
-        request.transport.abort()
+    def _end(self) -> None:
+        """End the response (its last chunk), then the connection: nothing follows on it."""
+        if self.transport is not None and not self.done:
+            if self.chunked:
+                self.transport.write(b"0\r\n\r\n")
+            self.transport.close()
+        self.done = True
 
 
 class SessionRegistry:
@@ -203,23 +237,29 @@ class SessionRegistry:
 
 
 class SessionResponse(EventSourceResponse):
-    """aiohttp-sse's response (the SSE headers, and TCP_USER_TIMEOUT so that the kernel
-    drops a peer that acknowledges nothing for `send_timeout`), without its ping task:
-    the registry's timer has the session write the heartbeats, so an open stream costs
-    one task, not two. `write_now` is a write that never waits."""
+    """aiohttp-sse's response (the SSE head, and TCP_USER_TIMEOUT so that the kernel drops a
+    peer that acknowledges nothing for `send_timeout`) for a connection that ends with its
+    stream: once its head and first frame are out, its `Session` takes the connection
+    over and aiohttp writes nothing more on it. No ping task: the registry's timer has the
+    sessions write the heartbeats."""
+
+    def __init__(self, send_timeout: float) -> None:
+        super().__init__(send_timeout=send_timeout)
+        self.headers["Connection"] = "close"
+        self.force_close()
+        self._handed_over = False
 
     async def _ping(self) -> None:
         return
 
-    def write_now(self, data: bytes) -> bool:
-        """Hand `data` to the socket at once if nothing is queued before it; else (or if the
-        connection is closing) send nothing and say False: then `await write(data)`, which
-        waits for the peer. For a response already started with `write()` (its head sent)."""
-        writer = self._payload_writer
-        transport = self._req.transport if self._req is not None else None
-        if writer is None or transport is None or transport.is_closing() or transport.get_write_buffer_size():
-            return False
-        chunked = self.headers.get("Transfer-Encoding") == "chunked"  # (not to an HTTP/1.0 peer)
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
-        writer.output_size += len(data)  # the body's size, for the access log
-        return True
+    def hand_over(self) -> None:
+        self._handed_over = True
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._handed_over:  # aiohttp prepares a handler's response again when it is done
+            return None
+        return await super().prepare(request)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if not self._handed_over:  # (after a hand-over the session ends the body itself)
+            await super().write_eof(data)

@@ -118,6 +118,22 @@ async def test_an_http_1_0_peer_asking_for_keep_alive_still_sees_each_body_end(
         assert b"event: complete" in body or path.endswith("/log")
 
 
+async def test_a_streams_connection_ends_with_it_as_its_head_says(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """The session, not aiohttp, owns a stream's connection after its head: no second request
+    can follow on it, so the head says close, and the last chunk is followed by the close."""
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    job_id = await submit(client, "hello")
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(f"GET /api/stream/{job_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # keep-alive by default
+    raw = await asyncio.wait_for(reader.read(), BOUND_S)  # to the end of the connection
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close" in head.lower(), head
+    assert b"event: complete" in unchunk(body)  # strictly framed, ending with the last chunk
+
+
 async def test_a_log_removed_by_retention_while_read_cuts_the_connection_not_the_body(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
@@ -340,7 +356,7 @@ async def test_a_subscriber_that_reads_nothing_slows_no_one_and_catches_up_later
 async def test_live_bytes_on_the_wire_equal_a_replay_in_http_1_1_and_1_0(
     make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
-    """Live events go out from the log's append (`write_now`) or from the session's task;
+    """Live events go out from the log's append or from the session's pump (after a flush);
     either way each HTTP/1.1 chunk is framed right, and an HTTP/1.0 peer gets the plain body."""
     gate = tmp_path / "gate"
     script = "import os,time\nprint('waiting', flush=True)\n"
