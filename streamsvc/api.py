@@ -193,6 +193,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     cursor = _last_event_id(request)
     tool = config.tools.get(store.get(job_id).tool_id)
     heartbeat_s = (tool.limits if tool else config.limits).heartbeat_s
+    if request.body_exists:  # (aiohttp would wait for it after the session took the connection)
+        raise BadRequest("a stream request has no body")
     joblog = await store.open_log(job_id)
     if joblog.finished and cursor >= joblog.last_seq:  # nothing follows, ever
         if cursor > joblog.last_seq:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -23,7 +22,7 @@ from .api import (
     routes,
 )
 from .config import Config
-from .logs import AccessLogger
+from .logs import ACCESS_LOG, AccessLogger
 from .metrics import Metrics
 from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
@@ -36,9 +35,9 @@ CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
 def server_options() -> dict[str, Any]:
     """The access log of the HTTP server around the app (`web.run_app`, test servers):
-    one line per request, secrets hidden (a stream's line is written when its session
-    takes the connection over, so its time is the time to its head)."""
-    return {"access_log_class": AccessLogger, "access_log": logging.getLogger("aiohttp.access")}
+    one line per request, secrets hidden (a stream's is written by its session when the
+    stream ends, with all its bytes and its whole time)."""
+    return {"access_log_class": AccessLogger, "access_log": ACCESS_LOG}
 
 
 def create_app(config: Config) -> web.Application:

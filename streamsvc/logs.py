@@ -29,19 +29,27 @@ def redacted_url(request: web.BaseRequest) -> str:
     return str(url.with_query(query))
 
 
+ACCESS_LOG = logging.getLogger("aiohttp.access")
+
+
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": redacted_url(request),
-            "status": response.status,
-            "bytes": response.body_length,
-            "ms": round(time * 1000, 1),
-        }
-        if isinstance(request, web.Request) and "jobId" in request.match_info:
-            fields["jobId"] = request.match_info["jobId"]
-        self.logger.info('%(remote)s "%(method)s %(path)s" %(status)s %(bytes)s %(ms).1fms', fields, extra=fields)
+        if getattr(response, "logged_at_its_end", False):
+            return  # a stream: its session writes the line when it ends, with its bytes and time
+        log_access(self.logger, request_fields(request), response.status, response.body_length, time)
+
+
+def request_fields(request: web.BaseRequest) -> dict[str, Any]:
+    """What an access line says of its request."""
+    fields = {"remote": request.remote, "method": request.method, "path": redacted_url(request)}
+    if isinstance(request, web.Request) and "jobId" in request.match_info:
+        fields["jobId"] = request.match_info["jobId"]
+    return fields
+
+
+def log_access(logger: logging.Logger, fields: dict[str, Any], status: int, size: int, seconds: float) -> None:
+    fields = fields | {"status": status, "bytes": size, "ms": round(seconds * 1000, 1)}
+    logger.info('%(remote)s "%(method)s %(path)s" %(status)s %(bytes)s %(ms).1fms', fields, extra=fields)
 
 
 class JsonFormatter(logging.Formatter):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from .joblog import EventLog
+from .logs import ACCESS_LOG, log_access, request_fields
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,16 @@ class Session(asyncio.Protocol):
         self.chunked = True
         #: the socket takes no more for now (its buffer is over the high-water mark)
         self.paused = False
-        #: the loop time the socket stopped taking writes (None: it takes them)
+        #: since when (loop time) the socket has taken nothing (None: it takes writes)
         self.writing_since: float | None = None
         self.last_beat = asyncio.get_running_loop().time()
         #: the server is ending this session (it stops)
         self.closing = False
-        #: the response has ended, or the connection has gone
+        #: the response has ended, or the connection has gone: nothing more is written
         self.done = False
+        #: the access line's fields of the request, and when it began (written at the end)
+        self._access: dict[str, Any] = {}
+        self._began = 0.0
 
     def attach(self, request: web.BaseRequest, response: SessionResponse) -> bool:
         """Take the connection of `request`, whose response has sent its head, over from
@@ -63,6 +68,7 @@ class Session(asyncio.Protocol):
         if transport is None or transport.is_closing() or not isinstance(transport, asyncio.Transport):
             return False
         response.hand_over()
+        self._access, self._began = request_fields(request), asyncio.get_running_loop().time()
         self.chunked = response.headers.get("Transfer-Encoding") == "chunked"  # (not to an HTTP/1.0 peer)
         self.transport = transport
         transport.set_protocol(self)
@@ -76,22 +82,23 @@ class Session(asyncio.Protocol):
         return True
 
     def close(self) -> None:
-        """End the session from the server's side: at once, without a terminal event, if
-        its job goes on (the client resumes where it stopped); else after its end."""
+        """End the session from the server's side (it stops), at once: without a terminal
+        event if its job goes on; cut off if its reader is behind or its socket takes nothing.
+        Either way the client resumes where it stopped, after the restart."""
         self.closing = True
-        if not self.log.finished:
+        if self.done:
+            return
+        if self.paused or self.log.finished:  # (a finished log not yet ended: behind)
+            self.abort()
+        else:
             self._end()
-        elif not self.paused:
-            self._pump()
 
     def tick(self, now: float, tick_s: float, stall_s: float) -> None:
         """The registry's timer: abort the connection if its socket has taken nothing for
         `stall_s`; else write a heartbeat if the next tick would be too late for one."""
-        if self.done:
-            return
         if self.writing_since is not None and now - self.writing_since >= stall_s:
-            self.abort()
-        elif now - self.last_beat >= self.heartbeat_s - tick_s:
+            self.abort()  # (also after the response's end, while its last bytes wait)
+        elif not self.done and now - self.last_beat >= self.heartbeat_s - tick_s:
             self.last_beat = now
             self._send(HEARTBEAT)
 
@@ -122,6 +129,8 @@ class Session(asyncio.Protocol):
         self.done = True
         self.log.unwatch(self._on_append)
         self.registry.remove(self)
+        seconds = asyncio.get_running_loop().time() - self._began
+        log_access(ACCESS_LOG, self._access, 200, self.bytes_sent, seconds)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -254,6 +263,11 @@ class SessionResponse(EventSourceResponse):
 
     def hand_over(self) -> None:
         self._handed_over = True
+
+    @property
+    def logged_at_its_end(self) -> bool:
+        """Whether its access line is its session's, written when the stream ends."""
+        return self._handed_over
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._handed_over:  # aiohttp prepares a handler's response again when it is done

@@ -49,6 +49,7 @@ async def test_json_lines_carry_the_job_id_on_every_transition_and_request(tmp_p
         ("GET", f"/api/stream/{job_id}", 200),
     ]
     assert requests[1]["jobId"] == job_id
+    assert requests[1]["bytes"] > 500  # the stream's line comes at its end, with all it sent
     assert requests[0]["remote"] == "127.0.0.1"
 
 

@@ -118,6 +118,36 @@ async def test_an_http_1_0_peer_asking_for_keep_alive_still_sees_each_body_end(
         assert b"event: complete" in body or path.endswith("/log")
 
 
+async def test_a_stream_request_with_a_body_is_refused(make_config: ConfigFactory, start: ClientFactory) -> None:
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    job_id = await submit(client, "hello")
+    response = await client.get(f"/api/stream/{job_id}", data=b"x" * 100)
+    assert response.status == 400
+    assert (await response.json())["error"]["message"] == "a stream request has no body"
+
+
+async def test_stopping_cuts_a_reader_still_behind_in_a_finished_jobs_log(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """The service stops at once: a reader that has not taken the whole log is cut off (it
+    resumes after the restart) and leaves nothing open behind."""
+    big_tool = [PY, "-c", "for i in range(100000): print(f'{i:08} ' + 'x' * 200)"]  # more than socket buffers hold
+    client = await start(make_config({"big": big_tool}))
+    job_id = await submit(client, "big")
+    await follow(client, job_id)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port, limit=1 << 16)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    writer.write(f"GET /api/stream/{job_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await reader.readuntil(b"\r\n\r\n")
+    registry = client.app[REGISTRY]
+    await eventually(lambda: registry.count() == 1, "the session has taken the connection")
+    await client.close()  # the service stops while the reader is far behind
+    assert registry.count() == 0
+    raw = await asyncio.wait_for(reader.read(), BOUND_S)  # the connection ends
+    writer.close()
+    assert not raw.endswith(b"0\r\n\r\n")  # cut, not ended: the client knows to resume
+
+
 async def test_a_streams_connection_ends_with_it_as_its_head_says(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
