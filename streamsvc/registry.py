@@ -52,8 +52,6 @@ class Session(asyncio.Protocol):
         #: since when (loop time) the socket has taken nothing (None: it takes writes)
         self.writing_since: float | None = None
         self.last_beat = asyncio.get_running_loop().time()
-        #: the server is ending this session (it stops)
-        self.closing = False
         #: the response has ended, or the connection has gone: nothing more is written
         self.done = False
         #: the access line's fields of the request, and when it began (written at the end)
@@ -85,7 +83,6 @@ class Session(asyncio.Protocol):
         """End the session from the server's side (it stops), at once: without a terminal
         event if its job goes on; cut off if its reader is behind or its socket takes nothing.
         Either way the client resumes where it stopped, after the restart."""
-        self.closing = True
         if self.done:
             return
         if self.paused or self.log.finished:  # (a finished log not yet ended: behind)
@@ -149,13 +146,10 @@ class Session(asyncio.Protocol):
 
     def _pump(self) -> None:
         """Write what the log holds after the cursor while the socket takes it, a bounded
-        amount per turn of the loop; end the response at the job's end, or at a close if
-        the job goes on."""
+        amount per turn of the loop; end the response at the job's end."""
         for _ in range(PUMP_WRITES):
             if self.done or self.paused:
                 return
-            if self.closing and not self.log.finished:
-                return self._end()
             if self.cursor >= self.log.last_seq:
                 if self.log.finished:
                     self._end()
