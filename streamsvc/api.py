@@ -185,6 +185,11 @@ async def job_log(request: web.Request) -> web.StreamResponse:
     return response
 
 
+#: the `retry:` of a stream with nothing to send, ever (a finished job resumed after its last
+#: event): an EventSource that reconnects to it anyway waits a day, not `retry_ms`, each time
+NOTHING_FOLLOWS_RETRY_MS = 24 * 3600 * 1000
+
+
 @routes.get("/api/stream/{jobId:[^/]+}")
 async def stream(request: web.Request) -> web.StreamResponse:
     job_id = job_id_of(request)
@@ -196,13 +201,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if request.body_exists:  # (aiohttp would wait for it after the session took the connection)
         raise BadRequest("a stream request has no body")
     joblog = await store.open_log(job_id)
-    if joblog.finished and cursor >= joblog.last_seq:  # nothing follows, ever
-        if cursor > joblog.last_seq:
-            raise PastLastEvent(cursor, joblog.last_seq)  # the client's id is not from this job's log
-        return web.Response(status=204)  # an EventSource stops reconnecting at a 204
+    if joblog.finished and cursor > joblog.last_seq:
+        raise PastLastEvent(cursor, joblog.last_seq)  # the client's id is not from this job's log
+    nothing_follows = joblog.finished and cursor == joblog.last_seq
+    retry_ms = NOTHING_FOLLOWS_RETRY_MS if nothing_follows else config.server.retry_ms
     response = SessionResponse(send_timeout=config.server.stream_stall_s)
     await response.prepare(request)
-    await response.write(f"retry: {config.server.retry_ms}\n\n".encode())  # the head goes out with it
+    await response.write(f"retry: {retry_ms}\n\n".encode())  # the head goes out with it
     Session(job_id, joblog, cursor, heartbeat_s, request.app[REGISTRY]).attach(request, response)
     return response
 

@@ -70,14 +70,16 @@ async def test_resume_with_header_and_with_query(make_config: ConfigFactory, sta
     assert by_header[0].id == 8
 
 
-async def test_resume_after_the_last_event_of_a_finished_job_gets_204_so_eventsource_stops(
+async def test_resume_after_the_last_event_of_a_finished_job_gets_nothing_and_a_days_retry(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
+    """Nothing will ever follow: an EventSource that reconnects anyway waits a day, not 2 s."""
     client = await start(make_config({"hello": [PY, "hello.py"]}))
     job_id = await submit(client, "hello")
     everything = await follow(client, job_id)
     async with client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": str(everything[-1].id)}) as response:
-        assert response.status == 204 and await response.read() == b""
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        assert await response.read() == f"retry: {24 * 3600 * 1000}\n\n".encode()
 
 
 async def test_resume_past_the_end_of_a_running_job_waits_for_it_and_of_a_finished_one_is_a_409(
