@@ -58,13 +58,13 @@ class Session(asyncio.Protocol):
         self._access: dict[str, Any] = {}
         self._began = 0.0
 
-    def attach(self, request: web.BaseRequest, response: SessionResponse) -> bool:
+    def attach(self, request: web.BaseRequest, response: SessionResponse) -> None:
         """Take the connection of `request`, whose response has sent its head, over from
-        aiohttp: whether it was still open to take."""
+        aiohttp, if it is still open (else aiohttp ends the request as any other)."""
         transport = request.transport
         handler = request.protocol
         if transport is None or transport.is_closing() or not isinstance(transport, asyncio.Transport):
-            return False
+            return
         response.hand_over()
         self._access, self._began = request_fields(request), asyncio.get_running_loop().time()
         self.chunked = response.headers.get("Transfer-Encoding") == "chunked"  # (not to an HTTP/1.0 peer)
@@ -77,7 +77,6 @@ class Session(asyncio.Protocol):
         self.registry.add(self)
         self.log.watch(self._on_append)
         self._pump()
-        return True
 
     def close(self) -> None:
         """End the session from the server's side (it stops), at once: without a terminal
