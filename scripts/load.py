@@ -149,7 +149,8 @@ class Snapshot:
     tasks: int | None
     #: its child processes but the reaper, as "pid name state"
     children: tuple[str, ...]
-    #: job cgroups left under its parent groups (None where it has none)
+    #: job cgroups under its parent groups that still hold a process (None where it has
+    #: none; emptied groups kept for reuse do not count)
     cgroups: int | None
 
     def brief(self) -> dict[str, Any]:
@@ -207,7 +208,8 @@ class Probe:
         return tuple(sorted(found))
 
     def cgroups(self) -> int | None:
-        """Job groups left in the service's parent groups (`streamsvc-<pid>-*`, cgroup v1)."""
+        """Job groups in the service's parent groups (`streamsvc-<pid>-*`, cgroup v1) that
+        still hold a process."""
         parents: list[Path] = []
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines():
@@ -221,8 +223,15 @@ class Probe:
         left = 0
         for parent in parents:
             with contextlib.suppress(OSError):
-                left += sum(1 for entry in parent.iterdir() if entry.is_dir())
+                left += sum(1 for entry in parent.iterdir() if entry.is_dir() and _holds_a_process(entry))
         return left
+
+
+def _holds_a_process(group: Path) -> bool:
+    try:
+        return bool((group / "cgroup.procs").read_bytes().strip())
+    except OSError:
+        return False  # removed while we looked
 
 
 class RssSampler:
@@ -283,7 +292,7 @@ def leaks(baseline: Snapshot, after: Snapshot) -> list[str]:
     if new_children := sorted(set(after.children) - set(baseline.children)):
         problems.append(f"child processes left: {', '.join(new_children)}")
     if (after.cgroups or 0) > (baseline.cgroups or 0):
-        problems.append(f"job cgroups left: {baseline.cgroups} -> {after.cgroups}")
+        problems.append(f"job cgroups still holding a process: {baseline.cgroups} -> {after.cgroups}")
     return problems
 
 

@@ -92,13 +92,13 @@ class Run:
         try:
             home = self.sandbox.homes.take()
         except OSError as exc:
-            await _empty(jail)
+            await _empty(self.sandbox, jail)
             return Outcome(JobStatus.FAILED, error=f"cannot make the job's home folder: {exc.strerror}")
         try:
             return await self._spawn_and_follow(jail, home)
         finally:
             # a home is handed on only when a pids group proved every process of the job gone
-            gone = await _empty(jail) and "pids" in jail.groups
+            gone = await _empty(self.sandbox, jail) and "pids" in jail.groups
             await self.sandbox.homes.give_back(home, reusable=gone)
 
     async def _spawn_and_follow(self, jail: Jail, home: Path) -> Outcome:
@@ -352,11 +352,11 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _empty(jail: Jail) -> bool:
-    """Remove the job's cgroups once their last process is gone (bounded): at once, as a
-    rule, since the run killed what was left; else kill again and retry. Whether they went."""
+async def _empty(sandbox: Sandbox, jail: Jail) -> bool:
+    """Hand the job's cgroups back once their last process is gone (bounded): at once, as a
+    rule, since the run killed what was left; else kill again and retry. Whether they emptied."""
     for _ in range(50):
-        if jail.remove():
+        if sandbox.release(jail):
             return True
         jail.kill_all()
         await asyncio.sleep(0.02)

@@ -763,6 +763,60 @@ async def test_memory_limit_kill_is_reported_as_such(make_config: ConfigFactory,
     assert "memory" in done.result["error"]
 
 
+START_SLEEPERS = """
+    import subprocess
+    started = []
+    for _ in range(12):
+        try:
+            started.append(subprocess.Popen(["sleep", "30"]))
+        except OSError:
+            break
+    print(len(started))
+    for child in started:  # reaped here: the next job may take this job's groups
+        child.kill()
+        child.wait()
+"""
+
+
+@needs_pids_cgroup
+async def test_every_job_gets_its_own_tools_process_limit(make_config: ConfigFactory, start: ClientFactory) -> None:
+    # one worker: each job takes the cgroups the job before it emptied
+    tools = {
+        name: py_tool(START_SLEEPERS, max_processes=limit, timeout_s=30, kill_grace_s=0.2)
+        for name, limit in (("few", 4), ("many", 64))
+    }
+    client = await start(make_config(tools, queue={"workers": 1}))
+    started = []
+    for name in ("few", "many", "few"):
+        job_id = await submit(client, name)
+        async with asyncio.timeout(BOUND_S * 2):
+            started.append(int(lines_of(await follow(client, job_id))[0]))
+
+    assert 0 < started[0] <= 3  # the tool itself is one of the four
+    assert started[1] == 12
+    assert 0 < started[2] <= 3
+
+
+@needs_memory_cgroup
+async def test_a_job_after_one_that_ran_out_of_memory_is_not_said_to_have(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    limit = 64 * 1024 * 1024
+    tools = {
+        "hog": py_tool('data = b"x" * (512 * 1024 * 1024)', max_memory_bytes=limit),
+        "fails": py_tool("raise SystemExit(3)", max_memory_bytes=limit),
+    }
+    client = await start(make_config(tools, queue={"workers": 1}))
+    results = []
+    for name in ("hog", "fails"):
+        job_id = await submit(client, name)
+        async with asyncio.timeout(BOUND_S * 2):
+            results.append((await follow(client, job_id))[-1].data)
+
+    assert "memory" in results[0]["error"]
+    assert results[1]["error"] == "exited with status 3"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="run_as applies when the service runs as root")
 async def test_run_as_runs_the_tool_as_that_user_for_good(make_config: ConfigFactory, start: ClientFactory) -> None:
     nobody = pwd.getpwnam("nobody")
