@@ -210,7 +210,7 @@ class WorkerPool:
             folder = self.projects.resolve(job.project_id)
         except Exception:
             return Outcome(JobStatus.FAILED, error=f"project {job.project_id!r} no longer exists")
-        workdir = (folder / tool.cwd).resolve()
+        workdir = folder if tool.cwd == "." else (folder / tool.cwd).resolve()
         if not workdir.is_relative_to(folder):
             return Outcome(JobStatus.FAILED, error=f"the tool's cwd {tool.cwd!r} leads out of the project")
         spec = RunSpec(tool.argv, workdir, RunSpec.clean_env(dict(tool.env)), tool.limits)

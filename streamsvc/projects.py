@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -292,14 +293,31 @@ class UploadedProjects:
 
 def _folder_in(parent: Path, name: str, project_id: str) -> Path:
     """`parent/name` if it is a folder right in `parent` once every symlink is resolved; else `UnknownProject`."""
-    root = parent.resolve()
     try:
-        folder = (root / name).resolve(strict=True)
+        root = _real_folder(parent)
+        folder = _real_folder(root / name)
     except (OSError, RuntimeError):
         raise UnknownProject(project_id) from None
-    if folder.parent != root or not folder.is_dir():
+    if folder.parent != root:
         raise UnknownProject(project_id)
     return folder
+
+
+def _real_folder(path: Path) -> Path:
+    """The folder `path` leads to, every symlink resolved by the kernel: an open and a
+    readlink, where `Path.resolve` takes an lstat and some Python a part (twice a job, for
+    the submit and the start: ~10 against ~60 us). OSError if it is no folder."""
+    fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        opened = os.fstat(fd)
+    except OSError:  # no /proc
+        return path.resolve(strict=True)
+    finally:
+        os.close(fd)
+    if not os.path.samestat(opened, os.stat(real)):  # moved or removed since it was opened
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    return Path(real)
 
 
 async def _in_thread(work: Callable[..., Upload], *args: Any) -> Upload:
