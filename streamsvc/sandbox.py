@@ -238,7 +238,7 @@ class Jail:
             if self._bound.get(controller) == wanted[controller]:
                 continue
             try:
-                (group / LIMIT_FILES[controller]).write_text(str(wanted[controller]))
+                _write(group / LIMIT_FILES[controller], str(wanted[controller]))
             except OSError as exc:
                 log.warning("cgroup %s unavailable for a job: %s", group, exc)
                 _remove_group(group)
@@ -251,10 +251,10 @@ class Jail:
         job's processes still counted against the process limit (a killed tool's children
         stay counted until their new parent reaps them), memory failures counted from zero."""
         try:
-            if "pids" in self.groups and (self.groups["pids"] / "pids.current").read_bytes().strip() != b"0":
+            if "pids" in self.groups and _read(self.groups["pids"] / "pids.current").strip() != b"0":
                 return False
             if "memory" in self.groups:
-                (self.groups["memory"] / "memory.failcnt").write_text("0")
+                _write(self.groups["memory"] / "memory.failcnt", "0")
         except OSError:
             return False
         return True
@@ -318,7 +318,7 @@ class Jail:
         if group is None:
             return False
         with contextlib.suppress(OSError, ValueError):
-            return int((group / "memory.failcnt").read_text()) > 0
+            return int(_read(group / "memory.failcnt")) > 0
         return False
 
     def remove(self) -> bool:
@@ -465,14 +465,31 @@ def _alive(pid: int) -> bool:
 
 def _kill_group(group: Path) -> None:
     with contextlib.suppress(OSError):
-        for pid in (group / "cgroup.procs").read_text().split():
+        for pid in _read(group / "cgroup.procs").split():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
 
 
+def _read(path: Path) -> bytes:
+    """A cgroup file's content: three system calls, where `Path.read_bytes` makes seven."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 64 * 1024)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def _empty_group(group: Path) -> bool:
     try:
-        return not (group / "cgroup.procs").read_bytes().strip()
+        return not _read(group / "cgroup.procs").strip()
     except FileNotFoundError:
         return True
     except OSError:
