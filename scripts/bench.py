@@ -445,7 +445,8 @@ async def run_fanout(bench: Bench) -> None:
 
 async def run_jobrate(bench: Bench) -> None:
     s = bench.settings
-    ceiling = partial(ceilings.spawn_rate, bench.tools()["true"], s.jobrate_jobs, s.spawn_concurrency)
+    files = bench.scratch / "file-create"  # beside the services' data folders
+    ceiling = partial(ceilings.spawn_rate, bench.tools()["true"], s.jobrate_jobs, s.spawn_concurrency, files)
     await bench.compare("jobrate", partial(jobrate, bench), ceiling)
 
 

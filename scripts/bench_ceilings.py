@@ -3,7 +3,8 @@ measured in the same run so that figures from different machines compare as frac
 
 - a pipe: the flood tool into a Python reader that counts lines (lines/s);
 - pipe latency: the latency scenario's paced tools into one asyncio reader (p50/p99/max);
-- spawns: `true`, N at a time, from threads (jobs/s);
+- spawns: `true`, N at a time, from threads (jobs/s); beside it, what a new file costs in
+  the folder the services keep their data in (every job's log is one);
 - fanout: what is offered, every line to every subscriber at the job's own pace (events/s).
 
 A ceiling is what the machine can do: the rates are the best of CEILING_TRIES runs.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -94,14 +96,34 @@ async def _pipe_latencies(process: asyncio.subprocess.Process) -> list[float]:
     return found
 
 
-async def spawn_rate(argv: Sequence[str], count: int, concurrency: int) -> Result:
-    """`count` runs of `argv`, `concurrency` at a time (threads running subprocess.run)."""
+async def spawn_rate(argv: Sequence[str], count: int, concurrency: int, data: Path) -> Result:
+    """`count` runs of `argv`, `concurrency` at a time (threads running subprocess.run); and
+    the median cost of a new file in `data`."""
     seconds = min([await asyncio.to_thread(_spawn_many, argv, count, concurrency) for _ in range(CEILING_TRIES)])
+    file_us = _file_create_us(data)
     metrics = {
-        "what": f"{count} x {Path(argv[0]).name}, {concurrency} at a time, best of {CEILING_TRIES}",
+        "what": f"{count} x {Path(argv[0]).name}, {concurrency} at a time, best of {CEILING_TRIES}; "
+        f"a new file in the data folder: {file_us:g} us",
         "jobs_per_s": round(count / seconds),
+        "file_create_us": file_us,
     }
     return Result("jobrate", "ceiling", metrics)
+
+
+def _file_create_us(folder: Path, count: int = 200) -> float:
+    """The median microseconds to create a file in `folder`, write a line and close it. It
+    varies: ext4 without a journal skips, one by one, the inodes freed in the last minutes,
+    so after a run has removed thousands of files a new one can cost 30x more for a while.
+    The files stay (removing them would do just that) until the run's scratch folder goes."""
+    folder.mkdir(exist_ok=True)
+    costs = []
+    for i in range(count):
+        started = time.perf_counter_ns()
+        fd = os.open(folder / f"{i}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        os.write(fd, b"x" * 100 + b"\n")
+        os.close(fd)
+        costs.append(time.perf_counter_ns() - started)
+    return round(statistics.median(costs) / 1000, 1)
 
 
 def _spawn_many(argv: Sequence[str], count: int, concurrency: int) -> float:
