@@ -43,6 +43,9 @@ CONTROLLERS = ("pids", "memory")
 LIMIT_FILES = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}
 #: at most this many emptied jobs' groups are kept for reuse
 MAX_SPARE_JAILS = 64
+#: a memory group still charged with more than this (the page cache of files its job
+#: wrote or read first) is removed, not reused: the next job starts with its whole limit
+MAX_SPARE_CHARGE_BYTES = 4 * 1024 * 1024
 
 
 #: at most this many empty homes are kept for reuse
@@ -249,13 +252,16 @@ class Jail:
     def renew(self) -> bool:
         """Make the emptied groups ready for another job, if they can be: none of this
         job's processes still counted against the process limit (a killed tool's children
-        stay counted until their new parent reaps them), memory failures counted from zero."""
+        stay counted until their new parent reaps them), little memory still charged,
+        memory failures counted from zero."""
         try:
             if "pids" in self.groups and _read(self.groups["pids"] / "pids.current").strip() != b"0":
                 return False
             if "memory" in self.groups:
+                if int(_read(self.groups["memory"] / "memory.usage_in_bytes")) > MAX_SPARE_CHARGE_BYTES:
+                    return False
                 _write(self.groups["memory"] / "memory.failcnt", "0")
-        except OSError:
+        except (OSError, ValueError):
             return False
         return True
 

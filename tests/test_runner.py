@@ -817,6 +817,31 @@ async def test_a_job_after_one_that_ran_out_of_memory_is_not_said_to_have(
     assert results[1]["error"] == "exited with status 3"
 
 
+@needs_memory_cgroup
+async def test_a_job_after_one_that_filled_the_page_cache_has_its_whole_memory_limit(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    limit = 256 * 1024 * 1024
+    writes = """
+        with open("big", "wb") as out:  # 200 MiB of page cache, charged to the job that wrote it
+            for _ in range(200):
+                out.write(b"x" * (1024 * 1024))
+    """
+    tools = {
+        "writes": py_tool(writes, max_memory_bytes=limit, max_file_bytes=2 * limit),
+        "fails": py_tool('data = b"x" * (120 * 1024 * 1024)\nraise SystemExit(3)', max_memory_bytes=limit),
+    }
+    client = await start(make_config(tools, queue={"workers": 1}))
+    results = []
+    for name in ("writes", "fails"):
+        job_id = await submit(client, name)
+        async with asyncio.timeout(BOUND_S * 2):
+            results.append((await follow(client, job_id))[-1].data)
+
+    assert results[0]["status"] == "completed", results[0]
+    assert results[1]["error"] == "exited with status 3"  # not "memory limit exceeded"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="run_as applies when the service runs as root")
 async def test_run_as_runs_the_tool_as_that_user_for_good(make_config: ConfigFactory, start: ClientFactory) -> None:
     nobody = pwd.getpwnam("nobody")
