@@ -47,7 +47,8 @@ def create_app(config: Config) -> web.Application:
         # long enough that an absurd id still reaches the handlers and gets the envelope
         handler_args={"max_line_size": 65536, "max_field_size": 65536},
     )
-    store = JobStore(config.server.data_dir, config.server.retention_jobs, config.limits.max_result_lines)
+    result_lines = {tool_id: tool.limits.max_result_lines for tool_id, tool in config.tools.items()}
+    store = JobStore(config.server.data_dir, config.server.retention_jobs, config.limits.max_result_lines, result_lines)
     uploaded = UploadedProjects(config.server.data_dir, config.uploads, store)
     projects = Projects(config.projects.root, uploaded)
     app[CONFIG] = config

@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +148,18 @@ class JobStore:
     last line, which loading cuts off. The journal is rewritten (aside, then renamed) when
     it holds many more lines than jobs."""
 
-    def __init__(self, data_dir: Path, retention_jobs: int, max_result_lines: int = 10000) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        retention_jobs: int,
+        max_result_lines: int = 10000,
+        tools_result_lines: Mapping[str, int] | None = None,
+    ) -> None:
         self.dir = data_dir / "jobs"
         self.retention_jobs = retention_jobs
+        #: the lines of output a `complete` event carries: per tool, else max_result_lines
         self.max_result_lines = max_result_lines
+        self.tools_result_lines = dict(tools_result_lines or {})
         self.jobs: dict[str, Job] = {}
         #: the finished jobs' ids, oldest first (in the order they finished): retention's queue
         self._finished: dict[str, None] = {}
@@ -299,7 +307,8 @@ class JobStore:
         """A finished job's log that lacks its end (the disk failed, or the service died
         between the two writes) gets it now, so that its streams end."""
         if job.status.finished and not joblog.finished:
-            tail = list(joblog.output_lines())[-self.max_result_lines :] if self.max_result_lines else []
+            keep = self.tools_result_lines.get(job.tool_id, self.max_result_lines)
+            tail = list(joblog.output_lines())[-keep:] if keep else []
             end_log(joblog, final_events(job, tail))
             joblog.close()
 

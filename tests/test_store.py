@@ -353,6 +353,25 @@ def test_recover_returns_queued_jobs_and_ends_running_ones_as_lost(tmp_path: Pat
     again.close()
 
 
+def test_a_job_lost_at_a_crash_ends_with_as_many_lines_as_its_tool_keeps(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    jobs = {tool: store.add(tool, "p") for tool in ("short", "other")}
+    for job in jobs.values():
+        job.transition(JobStatus.RUNNING)
+        store.save(job)
+        store.log(job.job_id).extend_output("stdout", [f"line {i}" for i in range(5)], 1)
+    store.close()  # the service went away mid-job
+
+    again = JobStore(tmp_path, 10, max_result_lines=3, tools_result_lines={"short": 2})
+    again.recover()
+    ends = {tool: list(again.log(job.job_id).events())[-1] for tool, job in jobs.items()}
+    assert [kind for _, kind, _ in ends.values()] == ["complete", "complete"]
+    assert ends["short"][2]["output"] == ["line 3", "line 4"]
+    assert ends["other"][2]["output"] == ["line 2", "line 3", "line 4"]  # a tool no longer configured
+    again.close()
+
+
 def test_recover_keeps_the_order_jobs_came_in_within_one_millisecond(tmp_path: Path) -> None:
     store = JobStore(tmp_path, 100)
     store.recover()
