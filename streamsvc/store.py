@@ -115,20 +115,35 @@ class RecordJournal:
         return size - len(tail) + tail.rfind(b"\n") + 1
 
     def compact(self, records: Iterable[dict[str, Any]]) -> None:
-        """Rewrite the journal to hold exactly `records` (aside, then renamed into place),
-        and drop per-job record files of the old layout."""
+        """Rewrite the journal to hold exactly `records` (aside, synced, then renamed into
+        place: a power loss leaves the old journal or the new one, never an empty one), and
+        drop per-job record files of the old layout."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         lines = [json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records]
         try:
-            tmp.write_bytes(b"".join(lines))
+            with open(tmp, "wb") as out:
+                out.write(b"".join(lines))
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, self.path)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
         self.lines = len(lines)
         self._size = sum(map(len, lines))
+        with contextlib.suppress(OSError):  # the new journal is in place; this makes it last
+            _sync_folder(self.path.parent)
         for path in self.path.parent.glob("*.json"):
             path.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _size_of(path: Path) -> int:
