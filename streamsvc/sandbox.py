@@ -43,8 +43,9 @@ CONTROLLERS = ("pids", "memory")
 LIMIT_FILES = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}
 #: at most this many emptied jobs' groups are kept for reuse
 MAX_SPARE_JAILS = 64
-#: a memory group still charged with more than this (the page cache of files its job
-#: wrote or read first) is removed, not reused: the next job starts with its whole limit
+#: a memory group still charged with more than this (page cache of files its job wrote or
+#: read first: reclaimable) is removed, not reused; one charged with any tmpfs or shared
+#: memory (not reclaimable without swap) is removed too
 MAX_SPARE_CHARGE_BYTES = 4 * 1024 * 1024
 
 
@@ -175,34 +176,42 @@ class Sandbox:
         finally:
             os.close(read_end)
 
+    @property
+    def reuses_groups(self) -> bool:
+        """Whether an emptied job's groups are handed to a later job (made and removed, a
+        pair costs ~0.27 ms of CPU a job; looked at and reset, ~0.05 ms). Only when tools
+        run as a user other than root (`run_as`): a root tool can rewrite its own group's
+        settings (its limits, the OOM killer), and they would outlive its job."""
+        return self.user is not None and self.user[0] != 0
+
     def jail(self, limits: Limits) -> Jail:
-        """A job's confinement: the groups of an earlier job if one is spare (made and
-        removed, a pair of groups costs ~0.27 ms of CPU a job; looked at and reset, ~0.05
-        ms), else new ones."""
-        if self._spare_jails:
+        """A job's confinement: the groups of an earlier job if one is spare and takes
+        `limits`, else new ones."""
+        while self._spare_jails:
             jail = self._spare_jails.pop()
-        else:
-            name = uuid.uuid4().hex
-            groups: dict[str, Path] = {}
-            for controller, parent in self.cgroup_parents.items():
-                try:
-                    (parent / name).mkdir()
-                except OSError as exc:
-                    log.warning("cgroup %s unavailable for a job: %s", parent / name, exc)
-                    continue
-                groups[controller] = parent / name
-            jail = Jail(groups, self.user, self.shim)
-        jail.bind(limits)
+            if jail.bind(limits):
+                return jail
+            jail.remove()  # gone, or refused the limits: new groups instead
+        name = uuid.uuid4().hex
+        groups: dict[str, Path] = {}
+        for controller, parent in self.cgroup_parents.items():
+            try:
+                (parent / name).mkdir()
+            except OSError as exc:
+                log.warning("cgroup %s unavailable for a job: %s", parent / name, exc)
+                continue
+            groups[controller] = parent / name
+        jail = Jail(groups, self.user, self.shim)
+        jail.bind(limits)  # a group that refuses its limit is left out: the job runs without it
         return jail
 
     def release(self, jail: Jail) -> bool:
-        """Once no process is left in `jail`'s groups, keep them for a later job (up to
-        MAX_SPARE_JAILS, their memory failure count reset) or remove them. Whether they
-        were empty."""
+        """Once no process is left in `jail`'s groups, keep them for a later job (see
+        `reuses_groups`; at most MAX_SPARE_JAILS) or remove them. Whether they were empty."""
         if not all(map(_empty_group, jail.groups.values())):
             return False
         whole = bool(jail.groups) and jail.groups.keys() == self.cgroup_parents.keys()
-        if whole and len(self._spare_jails) < MAX_SPARE_JAILS and jail.renew():
+        if self.reuses_groups and whole and len(self._spare_jails) < MAX_SPARE_JAILS and jail.renew():
             self._spare_jails.append(jail)
             return True
         return jail.remove()
@@ -229,41 +238,54 @@ class Jail:
         self.user = user
         self.shim = shim
         self.limits = Limits()
-        #: per controller, the limit its group holds
-        self._bound: dict[str, int] = {}
+        #: the memory group's count of OOM kills when the job started
+        self._oom_kills: int | None = None
 
-    def bind(self, limits: Limits) -> None:
-        """Set the groups' limits to `limits` (a group whose limit cannot be set is
-        removed from the jail: the job runs without it)."""
+    def bind(self, limits: Limits) -> bool:
+        """Write `limits` into the groups, every time (this also proves the groups are
+        there). Whether every group took its limit; one that did not is removed from the jail."""
         self.limits = limits
         wanted = {"pids": limits.max_processes, "memory": limits.max_memory_bytes}
+        took = True
         for controller, group in list(self.groups.items()):
-            if self._bound.get(controller) == wanted[controller]:
-                continue
             try:
                 _write(group / LIMIT_FILES[controller], str(wanted[controller]))
             except OSError as exc:
                 log.warning("cgroup %s unavailable for a job: %s", group, exc)
                 _remove_group(group)
                 del self.groups[controller]
-                continue
-            self._bound[controller] = wanted[controller]
+                took = False
+        self._oom_kills = self._count_oom_kills()
+        return took
 
     def renew(self) -> bool:
-        """Make the emptied groups ready for another job, if they can be: none of this
-        job's processes still counted against the process limit (a killed tool's children
-        stay counted until their new parent reaps them), little memory still charged,
-        memory failures counted from zero."""
+        """Whether the emptied groups can go to another job: none of this job's processes
+        still counted against the process limit (a killed tool's children stay counted
+        until their new parent reaps them), and little memory still charged to the memory
+        group, none of it tmpfs or shared memory. Memory failures then count from zero."""
         try:
             if "pids" in self.groups and _read(self.groups["pids"] / "pids.current").strip() != b"0":
                 return False
             if "memory" in self.groups:
-                if int(_read(self.groups["memory"] / "memory.usage_in_bytes")) > MAX_SPARE_CHARGE_BYTES:
+                memory = self.groups["memory"]
+                if int(_read(memory / "memory.usage_in_bytes")) > MAX_SPARE_CHARGE_BYTES:
                     return False
-                _write(self.groups["memory"] / "memory.failcnt", "0")
+                if _field(_read(memory / "memory.stat"), b"total_shmem") != 0:
+                    return False
+                _write(memory / "memory.failcnt", "0")
         except (OSError, ValueError):
             return False
         return True
+
+    def _count_oom_kills(self) -> int | None:
+        """The memory group's count of processes the kernel killed for memory (None
+        without a memory group, or on kernels before 4.13 that do not count)."""
+        group = self.groups.get("memory")
+        if group is None:
+            return None
+        with contextlib.suppress(OSError, ValueError):
+            return _field(_read(group / "memory.oom_control"), b"oom_kill")
+        return None
 
     def start(self, argv: Sequence[str], cwd: Path, env: dict[str, str], **options: Any) -> subprocess.Popen[bytes]:
         """`subprocess.Popen(argv, ...)`, confined. With a pids group and the exec shim, the
@@ -320,9 +342,14 @@ class Jail:
             _kill_group(group)
 
     def out_of_memory(self) -> bool:
+        """Whether the kernel killed a process of the job for its memory limit (where it
+        does not count such kills: whether the job hit its limit at all)."""
         group = self.groups.get("memory")
         if group is None:
             return False
+        before, now = self._oom_kills, self._count_oom_kills()
+        if before is not None and now is not None:
+            return now > before
         with contextlib.suppress(OSError, ValueError):
             return int(_read(group / "memory.failcnt")) > 0
         return False
@@ -483,6 +510,15 @@ def _read(path: Path) -> bytes:
         return os.read(fd, 64 * 1024)
     finally:
         os.close(fd)
+
+
+def _field(stat: bytes, name: bytes) -> int:
+    """The value of `name` in a cgroup file of `name value` lines; ValueError if absent."""
+    for line in stat.splitlines():
+        key, _, value = line.partition(b" ")
+        if key == name:
+            return int(value)
+    raise ValueError(f"no {name.decode()} in the file")
 
 
 def _write(path: Path, text: str) -> None:

@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import textwrap
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -776,70 +777,136 @@ START_SLEEPERS = """
         child.kill()
         child.wait()
 """
+#: a Python the tools' user can run (the test's own may sit in root's home)
+SYSTEM_PY = "/usr/bin/python3"
+needs_run_as = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access(SYSTEM_PY, os.X_OK),
+    reason="run_as applies when the service runs as root, and needs a Python that nobody may run",
+)
+
+
+async def run_in_turn(client: Client, *tool_ids: str) -> list[list[Event]]:
+    """Run the tools one after another (each job taking the groups the one before emptied,
+    where groups are reused), each followed to its end."""
+    runs = []
+    for tool_id in tool_ids:
+        job_id = await submit(client, tool_id)
+        async with asyncio.timeout(BOUND_S * 2):
+            runs.append(await follow(client, job_id))
+    return runs
 
 
 @needs_pids_cgroup
+@needs_run_as
 async def test_every_job_gets_its_own_tools_process_limit(make_config: ConfigFactory, start: ClientFactory) -> None:
-    # one worker: each job takes the cgroups the job before it emptied
     tools = {
-        name: py_tool(START_SLEEPERS, max_processes=limit, timeout_s=30, kill_grace_s=0.2)
+        name: {"argv": [SYSTEM_PY, "-c", textwrap.dedent(START_SLEEPERS)], "max_processes": limit}
         for name, limit in (("few", 4), ("many", 64))
     }
-    client = await start(make_config(tools, queue={"workers": 1}))
-    started = []
-    for name in ("few", "many", "few"):
-        job_id = await submit(client, name)
-        async with asyncio.timeout(BOUND_S * 2):
-            started.append(int(lines_of(await follow(client, job_id))[0]))
+    client = await start(make_config(tools, queue={"workers": 1}, server={"run_as": "nobody"}))
+    started = [int(lines_of(run)[0]) for run in await run_in_turn(client, "few", "many", "few")]
 
     assert 0 < started[0] <= 3  # the tool itself is one of the four
     assert started[1] == 12
     assert 0 < started[2] <= 3
 
 
+@needs_pids_cgroup
 @needs_memory_cgroup
+async def test_a_root_tools_changes_to_its_own_cgroups_end_with_its_job(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    # tools run as root here (no run_as): they may write their own cgroups' files
+    tamper = """
+        for line in open("/proc/self/cgroup"):
+            _, controllers, path = line.rstrip("\\n").split(":", 2)
+            if "pids" in controllers.split(","):
+                open(f"/sys/fs/cgroup/pids{path}/pids.max", "w").write("max")
+            if "memory" in controllers.split(","):
+                open(f"/sys/fs/cgroup/memory{path}/memory.oom_control", "w").write("1")
+        print("lifted the process limit and turned the OOM killer off")
+    """
+    limits = {"max_processes": 4, "max_memory_bytes": 64 * 1024 * 1024, "timeout_s": 10, "kill_grace_s": 0.2}
+    tools = {
+        "tamper": py_tool(tamper, **limits),
+        "few": py_tool(START_SLEEPERS, **limits),
+        "hog": py_tool('data = b"x" * (512 * 1024 * 1024)', **limits),
+    }
+    client = await start(make_config(tools, queue={"workers": 1}))
+    tampered, few, hog = await run_in_turn(client, "tamper", "few", "hog")
+
+    assert lines_of(tampered) == ["lifted the process limit and turned the OOM killer off"]
+    assert 0 < int(lines_of(few)[0]) <= 3
+    assert (hog[-1].data["status"], hog[-1].data["error"]) == ("failed", "memory limit exceeded (67108864 bytes)")
+
+
+@needs_memory_cgroup
+@needs_run_as
 async def test_a_job_after_one_that_ran_out_of_memory_is_not_said_to_have(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
     limit = 64 * 1024 * 1024
     tools = {
-        "hog": py_tool('data = b"x" * (512 * 1024 * 1024)', max_memory_bytes=limit),
-        "fails": py_tool("raise SystemExit(3)", max_memory_bytes=limit),
+        "hog": {"argv": [SYSTEM_PY, "-c", 'data = b"x" * (512 * 1024 * 1024)'], "max_memory_bytes": limit},
+        "fails": {"argv": [SYSTEM_PY, "-c", "raise SystemExit(3)"], "max_memory_bytes": limit},
     }
-    client = await start(make_config(tools, queue={"workers": 1}))
-    results = []
-    for name in ("hog", "fails"):
-        job_id = await submit(client, name)
-        async with asyncio.timeout(BOUND_S * 2):
-            results.append((await follow(client, job_id))[-1].data)
+    client = await start(make_config(tools, queue={"workers": 1}, server={"run_as": "nobody"}))
+    hog, fails = (run[-1].data for run in await run_in_turn(client, "hog", "fails"))
 
-    assert "memory" in results[0]["error"]
-    assert results[1]["error"] == "exited with status 3"
+    assert "memory" in hog["error"]
+    assert fails["error"] == "exited with status 3"
 
 
 @needs_memory_cgroup
-async def test_a_job_after_one_that_filled_the_page_cache_has_its_whole_memory_limit(
+@needs_run_as
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
+async def test_shared_memory_a_job_leaves_behind_is_not_charged_to_the_next_job(
     make_config: ConfigFactory, start: ClientFactory
 ) -> None:
-    limit = 256 * 1024 * 1024
-    writes = """
-        with open("big", "wb") as out:  # 200 MiB of page cache, charged to the job that wrote it
-            for _ in range(200):
-                out.write(b"x" * (1024 * 1024))
+    left = Path("/dev/shm") / f"streamsvc-test-{uuid.uuid4().hex}"
+    leave = f"""
+        with open({str(left)!r}, "wb") as out:  # 3 MiB the kernel cannot reclaim without swap
+            out.write(b"x" * (3 * 1024 * 1024))
+    """
+    charged = """
+        for line in open("/proc/self/cgroup"):
+            _, controllers, path = line.rstrip("\\n").split(":", 2)
+            if "memory" in controllers.split(","):
+                for stat in open(f"/sys/fs/cgroup/memory{path}/memory.stat"):
+                    if stat.startswith("total_shmem "):
+                        print(stat.split()[1])
     """
     tools = {
-        "writes": py_tool(writes, max_memory_bytes=limit, max_file_bytes=2 * limit),
-        "fails": py_tool('data = b"x" * (120 * 1024 * 1024)\nraise SystemExit(3)', max_memory_bytes=limit),
+        "leave": {"argv": [SYSTEM_PY, "-c", textwrap.dedent(leave)]},
+        "charged": {"argv": [SYSTEM_PY, "-c", textwrap.dedent(charged)]},
     }
-    client = await start(make_config(tools, queue={"workers": 1}))
-    results = []
-    for name in ("writes", "fails"):
-        job_id = await submit(client, name)
-        async with asyncio.timeout(BOUND_S * 2):
-            results.append((await follow(client, job_id))[-1].data)
+    client = await start(make_config(tools, queue={"workers": 1}, server={"run_as": "nobody"}))
+    try:
+        left_behind, after = await run_in_turn(client, "leave", "charged")
+    finally:
+        left.unlink(missing_ok=True)
 
-    assert results[0]["status"] == "completed", results[0]
-    assert results[1]["error"] == "exited with status 3"  # not "memory limit exceeded"
+    assert left_behind[-1].data["status"] == "completed"
+    assert lines_of(after) == ["0"]
+
+
+@needs_memory_cgroup
+async def test_a_job_that_reaches_its_memory_limit_only_through_page_cache_is_not_said_to_run_out(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    # 40 MiB of page cache, then 40 MiB allocated under a 64 MiB limit: the kernel reclaims
+    # the cache and the allocation succeeds; the job then fails for its own reason
+    body = """
+        with open("written", "wb") as out:
+            for _ in range(40):
+                out.write(b"x" * (1024 * 1024))
+        data = b"y" * (40 * 1024 * 1024)
+        print("allocated")
+        raise SystemExit(3)
+    """
+    done = await run(start, make_config, py_tool(body, max_memory_bytes=64 * 1024 * 1024))
+    assert done.lines == ["allocated"]
+    assert done.result["error"] == "exited with status 3"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="run_as applies when the service runs as root")
