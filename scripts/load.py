@@ -51,6 +51,8 @@ from typing import Any
 
 import aiohttp
 
+from streamsvc.sandbox import MAX_SPARE_JAILS
+
 MIB = 1024 * 1024
 #: how far above its baseline a resource may stay after a round ("near", generously: Python's
 #: allocator keeps memory it once had)
@@ -149,8 +151,8 @@ class Snapshot:
     tasks: int | None
     #: its child processes but the reaper, as "pid name state"
     children: tuple[str, ...]
-    #: job cgroups under its parent groups that still hold a process (None where it has
-    #: none; emptied groups kept for reuse do not count)
+    #: job cgroups under its parent groups that are left over: those that still hold or
+    #: count a process, and empty ones beyond the spares kept for reuse (None where it has none)
     cgroups: int | None
 
     def brief(self) -> dict[str, Any]:
@@ -208,8 +210,9 @@ class Probe:
         return tuple(sorted(found))
 
     def cgroups(self) -> int | None:
-        """Job groups in the service's parent groups (`streamsvc-<pid>-*`, cgroup v1) that
-        still hold a process."""
+        """Job groups in the service's parent groups (`streamsvc-<pid>-*`, cgroup v1) left
+        over: those that hold or count a process, and empty ones beyond the MAX_SPARE_JAILS
+        a parent may keep for later jobs."""
         parents: list[Path] = []
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{self.pid}/cgroup").read_text().splitlines():
@@ -223,13 +226,20 @@ class Probe:
         left = 0
         for parent in parents:
             with contextlib.suppress(OSError):
-                left += sum(1 for entry in parent.iterdir() if entry.is_dir() and _holds_a_process(entry))
+                groups = [entry for entry in parent.iterdir() if entry.is_dir()]
+                busy = sum(1 for group in groups if _holds_a_process(group))
+                left += busy + max(0, len(groups) - busy - MAX_SPARE_JAILS)
         return left
 
 
 def _holds_a_process(group: Path) -> bool:
+    """Whether a process is in `group`, or still counted by it (a zombie waiting for its
+    parent is no longer listed in cgroup.procs, but pids.current counts it)."""
     try:
-        return bool((group / "cgroup.procs").read_bytes().strip())
+        if (group / "cgroup.procs").read_bytes().strip():
+            return True
+        counted = group / "pids.current"
+        return counted.exists() and counted.read_bytes().strip() != b"0"
     except OSError:
         return False  # removed while we looked
 
