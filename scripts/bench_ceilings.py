@@ -16,6 +16,7 @@ import asyncio
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -114,12 +115,14 @@ def _file_create_us(folder: Path, count: int = 200) -> float:
     """The median microseconds to create a file in `folder`, write a line and close it. It
     varies: ext4 without a journal skips, one by one, the inodes freed in the last minutes,
     so after a run has removed thousands of files a new one can cost 30x more for a while.
-    The files stay (removing them would do just that) until the run's scratch folder goes."""
+    The files stay (removing them would do just that) until the run's scratch folder goes;
+    each call makes its own folder in `folder`."""
     folder.mkdir(exist_ok=True)
+    here = Path(tempfile.mkdtemp(dir=folder))
     costs = []
     for i in range(count):
         started = time.perf_counter_ns()
-        fd = os.open(folder / f"{i}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        fd = os.open(here / f"{i}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         os.write(fd, b"x" * 100 + b"\n")
         os.close(fd)
         costs.append(time.perf_counter_ns() - started)
