@@ -193,6 +193,7 @@ class Bench:
         self.max_processes: int = args.client_procs
         self.profile_dir: Path | None = args.profile
         self.source: Path | None = args.streamsvc_src
+        self.run_as: str = args.run_as
         self.targets = ["streamsvc"] + (["node"] if node_dir is not None else [])
         self.results: list[Result] = []
         self.ceilings: dict[str, Result] = {}
@@ -235,7 +236,8 @@ class Bench:
         """A fresh service of `kind` for one scenario (profiled when asked)."""
         self._rounds += 1
         folder = self.scratch / f"{self._rounds:03d}-{scenario}-{kind}"
-        async with serve(kind, folder, self.tools(), node_dir=self.node_dir, source=self.source) as target:
+        options = {"run_as": self.run_as} if kind == "streamsvc" else {}
+        async with serve(kind, folder, self.tools(), node_dir=self.node_dir, source=self.source, **options) as target:
             if self.profile_dir is not None and kind == "streamsvc":
                 async with py_spy(target.proc.pid, self.profile_dir / f"{scenario}.txt"):
                     yield target
@@ -503,6 +505,9 @@ async def run(args: argparse.Namespace) -> Bench:
             (None, "--no-peer: the Node seed is not measured") if args.no_peer else node_seed(args.node_dir, scratch)
         )
         tool, tool_note = tool_command(args.tool, scratch)
+        if args.run_as:
+            os.chmod(scratch, 0o711)  # the tools' user reaches the job tool and the gates by path
+            note += f"; streamsvc's tools run as {args.run_as}"
         print(f"bench: {machine()}; {describe_source(args.streamsvc_src)}; {tool_note}; {note}", flush=True)
         bench = Bench(settings, scratch, tool, node_dir, args)
         for name in args.scenario or list(SCENARIOS):
@@ -533,6 +538,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a folder holding the streamsvc package to measure (default: the installed one)",
     )
     parser.add_argument("--client-procs", type=int, default=4, help="client processes at most (default 4)")
+    parser.add_argument(
+        "--run-as",
+        default="",
+        metavar="USER",
+        help="run streamsvc's tools as this user (its server.run_as; the bench must run as root)",
+    )
     parser.add_argument(
         "--profile", type=Path, help="write a py-spy profile of streamsvc per scenario into this folder"
     )

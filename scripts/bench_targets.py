@@ -89,6 +89,7 @@ class Gate:
     async def __aenter__(self) -> Gate:
         self.path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._on_tool, self.path)
+        os.chmod(self.path, 0o777)  # tools may run as another user (--run-as); the folder is private
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -204,16 +205,22 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def serve(
-    kind: str, folder: Path, tools: Tools, *, node_dir: Path | None = None, source: Path | None = None
+    kind: str,
+    folder: Path,
+    tools: Tools,
+    *,
+    node_dir: Path | None = None,
+    source: Path | None = None,
+    run_as: str = "",
 ) -> AsyncIterator[Target]:
     """A fresh `kind` service ("streamsvc", from the `streamsvc` package in `source` or else
-    the installed one; or "node", from `node_dir`) with `tools`, its files in `folder`;
-    stopped with SIGTERM (then SIGKILL) at the end."""
+    the installed one, its tools run as `run_as` if given; or "node", from `node_dir`) with
+    `tools`, its files in `folder`; stopped with SIGTERM (then SIGKILL) at the end."""
     (folder / "projects" / PROJECT).mkdir(parents=True, exist_ok=True)
     port = free_port()
     if kind == "streamsvc":
         config = folder / "streamsvc.toml"
-        config.write_text(_streamsvc_toml(tools))
+        config.write_text(_streamsvc_toml(tools, run_as))
         argv = [PY, "-m", "streamsvc", "server", "--config", str(config), "--port", str(port)]
         argv += ["--log-level", "WARNING"]
         cwd = source or ROOT
@@ -236,10 +243,11 @@ async def serve(
         await _stop(process)
 
 
-def _streamsvc_toml(tools: Tools) -> str:
+def _streamsvc_toml(tools: Tools, run_as: str = "") -> str:
     lines = [
         "[server]",
         'data_dir = "data"',
+        f"run_as = {json.dumps(run_as)}",
         "retention_jobs = 10000",
         "[queue]",
         f"workers = {WORKERS}",
