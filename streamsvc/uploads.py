@@ -292,7 +292,11 @@ def safe_parts(name: str) -> tuple[str, ...]:
         raise UnsafePath(f"entry {shown} has a backslash in its name (zip names use '/')")
     if name.startswith("/") or _DRIVE.match(name):
         raise UnsafePath(f"entry {shown} has an absolute path")
-    if len(name.encode()) > MAX_NAME_BYTES:
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no file system name
+        raise UnsafePath(f"entry {shown} has a name that is not valid Unicode") from None
+    if len(encoded) > MAX_NAME_BYTES:
         raise UnsafePath(f"entry {shown} has a name over {MAX_NAME_BYTES} bytes")
     parts = tuple(name.removesuffix("/").split("/"))
     if ".." in parts:
