@@ -41,6 +41,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("pids", "memory")
 #: per controller, the file of a job group's limit
 LIMIT_FILES = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}
+#: what one read of a cgroup file asks for
+CGROUP_READ_BYTES = 64 * 1024
 #: at most this many emptied jobs' groups are kept for reuse
 MAX_SPARE_JAILS = 64
 #: a memory group still charged with more than this (page cache of files its job wrote or
@@ -504,10 +506,14 @@ def _kill_group(group: Path) -> None:
 
 
 def _read(path: Path) -> bytes:
-    """A cgroup file's content: three system calls, where `Path.read_bytes` makes seven."""
+    """A cgroup file's content: four system calls, where `Path.read_bytes` makes seven.
+    Read to its end: such a file may come a page per read (a large group's cgroup.procs)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return os.read(fd, 64 * 1024)
+        parts = []
+        while part := os.read(fd, CGROUP_READ_BYTES):
+            parts.append(part)
+        return b"".join(parts)
     finally:
         os.close(fd)
 
