@@ -184,7 +184,7 @@ class WorkerPool:
     async def _run(self, job: Job) -> None:
         tool = self.config.tools.get(job.tool_id)
         joblog = self.store.log(job.job_id)
-        tail: deque[str] = deque(maxlen=tool.limits.max_result_lines if tool else 0)
+        tail: deque[str] = deque(maxlen=self.store.result_lines(job.tool_id))
 
         def sink(stream: str, lines: list[str]) -> None:
             joblog.extend_output(stream, lines, now_ms())

@@ -322,10 +322,14 @@ class JobStore:
         """A finished job's log that lacks its end (the disk failed, or the service died
         between the two writes) gets it now, so that its streams end."""
         if job.status.finished and not joblog.finished:
-            keep = self.tools_result_lines.get(job.tool_id, self.max_result_lines)
+            keep = self.result_lines(job.tool_id)
             tail = list(joblog.output_lines())[-keep:] if keep else []
             end_log(joblog, final_events(job, tail))
             joblog.close()
+
+    def result_lines(self, tool_id: str) -> int:
+        """How many of its last output lines a job of `tool_id` ends with (in `complete`)."""
+        return self.tools_result_lines.get(tool_id, self.max_result_lines)
 
     def _remember(self, job_id: str, joblog: JobLog) -> None:
         self._cold[job_id] = joblog
