@@ -207,8 +207,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     retry_ms = NOTHING_FOLLOWS_RETRY_MS if nothing_follows else config.server.retry_ms
     response = SessionResponse(send_timeout=config.server.stream_stall_s)
     await response.prepare(request)
-    await response.write(f"retry: {retry_ms}\n\n".encode())  # the head goes out with it
-    Session(job_id, joblog, cursor, heartbeat_s, request.app[REGISTRY]).attach(request, response)
+    session = Session(job_id, joblog, cursor, heartbeat_s, request.app[REGISTRY])
+    await response.write(session.opening(f"retry: {retry_ms}\n\n".encode()))  # the head goes out with it
+    session.attach(request, response)
     return response
 
 

@@ -78,6 +78,16 @@ class Session(asyncio.Protocol):
         self.log.watch(self._on_append)
         self._pump()
 
+    def opening(self, retry: bytes) -> bytes:
+        """The response's first chunk, which goes out with its head: `retry`, then what the
+        log holds after the cursor, up to one write's bound (the cursor moves past it)."""
+        try:
+            blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
+        except OSError:  # the log vanished under us (retention): the pump meets it and aborts
+            return retry
+        self._sent(blob, cursor)
+        return retry + blob
+
     def close(self) -> None:
         """End the session from the server's side (it stops), at once: without a terminal
         event if its job goes on; cut off if its reader is behind or its socket takes nothing.
@@ -136,10 +146,7 @@ class Session(asyncio.Protocol):
         if self.done or self.paused:
             return  # `resume_writing` pumps
         if self.cursor == after:
-            self._send(frames)
-            self._sent(frames, self.log.last_seq)
-            if self.log.finished:
-                self._end()
+            self._write(frames, self.log.last_seq)
         else:
             self._pump()
 
@@ -157,24 +164,35 @@ class Session(asyncio.Protocol):
                 blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
             except OSError:  # the log vanished under us (retention)
                 return self.abort()
-            self._send(blob)
-            self._sent(blob, cursor)
+            self._write(blob, cursor)
         asyncio.get_running_loop().call_soon(self._pump)  # more to write: after others had a turn
+
+    def _write(self, blob: bytes, cursor: int) -> None:
+        """Write `blob`, the frames up to event `cursor`; with them the response's end, in
+        one write, when they end the job's log."""
+        self._sent(blob, cursor)
+        if self.log.finished and cursor >= self.log.last_seq:
+            self._end(self._framed(blob))
+        else:
+            self._send(blob)
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and not self.done:
-            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+            self.transport.write(self._framed(data))
+
+    def _framed(self, data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
 
     def _sent(self, blob: bytes, cursor: int) -> None:
         self.events_sent += cursor - self.cursor
         self.bytes_sent += len(blob)
         self.cursor = cursor
 
-    def _end(self) -> None:
-        """End the response (its last chunk), then the connection: nothing follows on it."""
+    def _end(self, last: bytes = b"") -> None:
+        """End the response (`last`, framed, then its last chunk), then the connection:
+        nothing follows on it."""
         if self.transport is not None and not self.done:
-            if self.chunked:
-                self.transport.write(b"0\r\n\r\n")
+            self.transport.write(last + b"0\r\n\r\n" if self.chunked else last)
             self.transport.close()
         self.done = True
 
@@ -250,6 +268,9 @@ class SessionResponse(EventSourceResponse):
         self.headers["Connection"] = "close"
         self.force_close()
         self._handed_over = False
+
+    #: the head waits for the first chunk, to go out with it in one packet (aiohttp's Response does this)
+    _send_headers_immediately = False
 
     async def _ping(self) -> None:
         return
