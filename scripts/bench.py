@@ -23,7 +23,9 @@ every subscriber is connected (the seed drops output nobody is subscribed to yet
   before, over the count).
 - ceilings: the same tool through a plain pipe into a Python reader (lines/s; p99 of 50 paced
   tools), and spawns/s of `true` 16 at a time. Every figure is also given as a fraction of its
-  ceiling: rate / ceiling, or ceiling latency / latency.
+  ceiling: rate / ceiling, or ceiling latency / latency. Jobrate also measures a bare job
+  server (`scripts/bench_bare.py`: spawn, then `complete`; no log, records or confinement)
+  with the same client: what these cores allow any aiohttp job server.
 - growth: throughput against line size, fanout against subscribers (a 2,000-line job), memory
   against open streams.
 
@@ -47,7 +49,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -254,12 +256,14 @@ class Bench:
         scenario: str,
         measure: Callable[[Target], Awaitable[Result]],
         ceiling: Callable[[], Awaitable[Result]] | None = None,
+        also: Sequence[str] = (),
     ) -> None:
-        """The ceiling of `scenario` (if any), then `measure` on a fresh service of each target."""
+        """The ceiling of `scenario` (if any), then `measure` on a fresh service of each target
+        and of the kinds `also` names."""
         if ceiling is not None:
             self.ceilings[scenario] = await ceiling()
             self.emit(self.ceilings[scenario])
-        for kind in self.targets:
+        for kind in [*self.targets, *also]:
             load = os.getloadavg()[0]  # other work on the machine skews every figure: say how much
             try:
                 async with self.service(kind, scenario) as target:
@@ -449,7 +453,7 @@ async def run_jobrate(bench: Bench) -> None:
     s = bench.settings
     files = bench.scratch / "file-create"  # beside the services' data folders
     ceiling = partial(ceilings.spawn_rate, bench.tools()["true"], s.jobrate_jobs, s.spawn_concurrency, files)
-    await bench.compare("jobrate", partial(jobrate, bench), ceiling)
+    await bench.compare("jobrate", partial(jobrate, bench), ceiling, also=["bare"])
 
 
 async def run_idle(bench: Bench) -> None:

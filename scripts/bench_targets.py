@@ -214,8 +214,9 @@ async def serve(
     run_as: str = "",
 ) -> AsyncIterator[Target]:
     """A fresh `kind` service ("streamsvc", from the `streamsvc` package in `source` or else
-    the installed one, its tools run as `run_as` if given; or "node", from `node_dir`) with
-    `tools`, its files in `folder`; stopped with SIGTERM (then SIGKILL) at the end."""
+    the installed one, its tools run as `run_as` if given; "node", from `node_dir`; or
+    "bare", `bench_bare.py`) with `tools`, its files in `folder`; stopped with SIGTERM (then
+    SIGKILL) at the end."""
     (folder / "projects" / PROJECT).mkdir(parents=True, exist_ok=True)
     port = free_port()
     if kind == "streamsvc":
@@ -224,6 +225,10 @@ async def serve(
         argv = [PY, "-m", "streamsvc", "server", "--config", str(config), "--port", str(port)]
         argv += ["--log-level", "WARNING"]
         cwd = source or ROOT
+    elif kind == "bare":
+        config = folder / "bare.json"
+        config.write_text(json.dumps({"tools": dict(tools)}))
+        argv, cwd = [PY, str(ROOT / "scripts" / "bench_bare.py"), str(config), "--port", str(port)], folder
     else:
         assert node_dir is not None
         config = folder / "seed.json"
