@@ -29,7 +29,12 @@ TOOLS = web.AppKey("tools", dict[str, list[str]])
 
 
 async def execute(request: web.Request) -> web.Response:
-    argv = request.app[TOOLS].get((await request.json()).get("toolId"))
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    tool = body.get("toolId") if isinstance(body, dict) else None
+    argv = request.app[TOOLS].get(tool) if isinstance(tool, str) else None
     if argv is None:
         return web.json_response({"error": {"code": "UNKNOWN_TOOL"}}, status=400)
     jobs = request.app[JOBS]
