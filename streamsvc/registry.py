@@ -181,7 +181,7 @@ class Session(asyncio.Protocol):
             self.transport.write(self._framed(data))
 
     def _framed(self, data: bytes) -> bytes:
-        return b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data
+        return self.registry.chunk(data) if self.chunked else data
 
     def _sent(self, blob: bytes, cursor: int) -> None:
         self.events_sent += cursor - self.cursor
@@ -209,6 +209,15 @@ class SessionRegistry:
         self._closed_bytes = 0
         #: the service is stopping: every session is closed, new ones at once
         self._closed = False
+        #: the last data chunk-framed, and its chunk: every follower of an append writes the
+        #: same frames, framed once (b"" frames as the last chunk, which no session writes so)
+        self._last_chunk = (b"", b"0\r\n\r\n")
+
+    def chunk(self, data: bytes) -> bytes:
+        """`data` as one HTTP/1.1 chunk; framed once for all the sessions that write it."""
+        if data is not self._last_chunk[0]:
+            self._last_chunk = (data, b"%x\r\n%b\r\n" % (len(data), data))
+        return self._last_chunk[1]
 
     def add(self, session: Session) -> None:
         self._sessions.setdefault(session.job_id, set()).add(session)
