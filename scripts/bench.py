@@ -73,6 +73,7 @@ from bench_targets import (
     Target,
     Tools,
     describe_source,
+    machine_busy_s,
     node_seed,
     py_spy,
     scratch_folder,
@@ -366,11 +367,13 @@ async def jobrate(bench: Bench, target: Target) -> Result:
     ]
     async with ClientProcesses(works) as clients:
         _, problems = await clients.ready()
-        service_cpu = target.proc.cpu_s()
+        service_cpu, tools_cpu, machine_cpu = target.proc.cpu_s(), target.proc.children_cpu_s(), machine_busy_s()
         clients.go()
         started_ns = time.time_ns()
         reports = await clients.results()
         service_cpu = target.proc.cpu_s() - service_cpu
+        tools_cpu = target.proc.children_cpu_s() - tools_cpu
+        machine_cpu = machine_busy_s() - machine_cpu
     runs: list[tuple[int, int]] = [run for report in reports for run in report.results]
     done = sorted((end - start) / 1e6 for start, end in runs if end)
     lost = len(runs) - len(done)
@@ -390,6 +393,10 @@ async def jobrate(bench: Bench, target: Target) -> Result:
         "service_cpu_s": round(service_cpu, 2),
         "client_cpu_s": round(sum(report.cpu_s for report in reports), 2),
         "service_cpu_ms_per_job": round(service_cpu * 1000 / max(len(runs), 1), 2),
+        # the tools' CPU (as their service counts it once it has waited for them), and the
+        # whole machine's: the rest is the kernel's own threads, the client, and what else ran
+        "tools_cpu_ms_per_job": round(tools_cpu * 1000 / max(len(runs), 1), 2),
+        "machine_cpu_ms_per_job": round(machine_cpu * 1000 / max(len(runs), 1), 2),
     }
     return Result("jobrate", target.kind, metrics, problems)
 

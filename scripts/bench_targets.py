@@ -148,8 +148,21 @@ class Proc:
         raise LookupError(f"no VmRSS in /proc/{self.pid}/status")
 
     def cpu_s(self) -> float:
+        return sum(self._times()[:2]) / CLOCK_TICKS  # utime, stime
+
+    def children_cpu_s(self) -> float:
+        """The CPU time of its children that it has waited for (its tools)."""
+        return sum(self._times()[2:]) / CLOCK_TICKS  # cutime, cstime
+
+    def _times(self) -> list[int]:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        return [int(field) for field in fields[11:15]]
+
+
+def machine_busy_s() -> float:
+    """CPU time every CPU of the machine has spent on anything but idling, since boot."""
+    ticks = [int(field) for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS  # all but idle, iowait
 
 
 @dataclass(frozen=True)

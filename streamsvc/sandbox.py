@@ -406,12 +406,24 @@ def _find_program(name: str, cwd: Path, path: str) -> str:
     return program
 
 
+#: how the exec shim is compiled, in order of preference: without the C library (x86-64
+#: only; it starts in a sixth of the time), with it and static, with it
+SHIM_BUILDS = (
+    (
+        *("-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector"),
+        *("-fno-tree-loop-distribute-patterns", "-DCONFINE_NOLIBC"),
+    ),
+    ("-static",),
+    (),
+)
+
+
 def _build_shim() -> Path | None:
     """The exec shim, compiled once per source into the user's cache (0700); None when no
     C compiler is at hand (tools then confine themselves in a forked child: slower)."""
     source = resources.files("streamsvc").joinpath("confine.c").read_bytes()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamsvc"
-    target = cache / f"confine-{hashlib.sha256(source).hexdigest()[:16]}"
+    target = cache / f"confine-{hashlib.sha256(source + repr(SHIM_BUILDS).encode()).hexdigest()[:16]}"
     compiler = shutil.which("cc") or shutil.which("gcc")
     try:
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -426,14 +438,8 @@ def _build_shim() -> Path | None:
             return None
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             (Path(tmp) / "confine.c").write_bytes(source)
-            for flags in (["-static"], []):
-                built = subprocess.run(
-                    [compiler, "-O2", *flags, "-o", "confine", "confine.c"],
-                    cwd=tmp,
-                    capture_output=True,
-                    timeout=60,
-                    check=False,
-                )
+            for flags in SHIM_BUILDS:
+                built = compile_shim(compiler, Path(tmp), flags)
                 if built.returncode == 0:
                     os.replace(Path(tmp) / "confine", target)
                     return target
@@ -442,6 +448,12 @@ def _build_shim() -> Path | None:
         return None
     log.warning("cannot build the exec shim: %s", built.stderr.decode(errors="replace")[-500:])
     return None
+
+
+def compile_shim(compiler: str, folder: Path, flags: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    """Compile `folder`/confine.c into `folder`/confine."""
+    argv = [compiler, "-O2", *flags, "-o", "confine", "confine.c"]
+    return subprocess.run(argv, cwd=folder, capture_output=True, timeout=60, check=False)
 
 
 def _own_path(controller: str) -> str:

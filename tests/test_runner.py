@@ -12,8 +12,10 @@ import fcntl
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
+import subprocess
 import textwrap
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -302,6 +304,58 @@ def test_the_cgroup_descriptors_handed_to_the_shim_are_never_a_standard_stream(t
         assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC  # for the shim only, by pass_fds
     finally:
         os.close(fd)
+
+
+COMPILER = shutil.which("cc") or shutil.which("gcc")
+
+
+@pytest.fixture(params=sandbox_module.SHIM_BUILDS[:2], ids=["without-libc", "static-libc"])
+def shim(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """The exec shim, built here as the service builds it."""
+    if COMPILER is None:
+        pytest.skip("no C compiler")
+    flags: tuple[str, ...] = request.param
+    if "-DCONFINE_NOLIBC" in flags and os.uname().machine != "x86_64":
+        pytest.skip("the shim is built without the C library on x86-64 only")
+    shutil.copy(Path(sandbox_module.__file__).with_name("confine.c"), tmp_path)
+    built = sandbox_module.compile_shim(COMPILER, tmp_path, flags)
+    assert built.returncode == 0, built.stderr.decode()
+    return tmp_path / "confine"
+
+
+def test_the_shim_sets_the_limits_then_becomes_the_tool(shim: Path) -> None:
+    script = "ulimit -Sn; ulimit -Hn; ulimit -c; echo $0 $1; head -c 4 /proc/$$/cmdline"
+    limits = [f"{resource.RLIMIT_NOFILE}:40:50", f"{resource.RLIMIT_CORE}:0:0"]
+    argv = [str(shim), *limits, "--", "/bin/sh", "tool", "-c", script, "zero", "one"]
+    done = subprocess.run(argv, capture_output=True, check=False)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout.decode().split() == ["40", "50", "0", "zero", "one", "tool"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "message"),
+    [
+        (["7:5:x", "--", "/bin/true", "true"], 126, "cannot set limit (7:5:x): invalid argument"),
+        (["7:1:18446744073709551616", "--", "/bin/true", "true"], 126, "cannot set limit (7:1:18446744073709551616)"),
+        (["cgroup:99", "--", "/bin/true", "true"], 126, "join the job's cgroup (cgroup:99): bad file descriptor"),
+        (["--", "/no/such/tool", "tool"], 127, "cannot run (/no/such/tool): no such file or directory (errno 2)"),
+        (["--", "/bin/true"], 126, "usage"),
+    ],
+)
+def test_the_shim_says_what_it_could_not_do(shim: Path, spec: list[str], code: int, message: str) -> None:
+    done = subprocess.run([str(shim), *spec], capture_output=True, check=False)
+    assert done.returncode == code
+    assert done.stderr.decode().startswith("streamsvc: ") and message in done.stderr.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can change its user")
+def test_the_shim_drops_root_for_good(shim: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    script = "grep -E '^(Uid|Gid|Groups):' /proc/self/status"
+    argv = [str(shim), f"user:{nobody.pw_uid}:{nobody.pw_gid}", "--", "/bin/sh", "sh", "-c", script]
+    done = subprocess.run(argv, capture_output=True, check=True)
+    fields = {line.split(":")[0]: line.split(":")[1].split() for line in done.stdout.decode().splitlines()}
+    assert fields == {"Uid": [str(nobody.pw_uid)] * 4, "Gid": [str(nobody.pw_gid)] * 4, "Groups": []}
 
 
 @pytest.mark.usefixtures("service_stdin_open_pipe")
