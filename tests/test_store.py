@@ -442,6 +442,37 @@ def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(
     again.close()
 
 
+def test_a_record_that_could_not_be_written_is_written_by_the_next_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
+    store = JobStore(tmp_path, 2)
+    store.recover()
+    job = store.add("t", "p")
+    journal = tmp_path / "jobs" / JOURNAL
+    kept = journal.read_bytes()
+    journal.unlink()
+    journal.mkdir()  # for a while the journal cannot be written
+    job.transition(JobStatus.RUNNING)
+    store.save(job)  # logged, not raised: the record in memory is right
+    journal.rmdir()
+    journal.write_bytes(kept)  # it holds the job as queued
+    before = journal.stat().st_ino
+    for _ in range(20):  # other jobs come and go until the journal is compacted (renamed into place)
+        other = store.add("t", "p")
+        other.transition(JobStatus.RUNNING)
+        other.transition(JobStatus.COMPLETED)
+        store.finish(other, [])
+        if journal.stat().st_ino != before:
+            break
+    assert journal.stat().st_ino != before
+    store.close()
+    again = JobStore(tmp_path, 2)
+    assert job.job_id not in {queued.job_id for queued in again.recover()}  # not run a second time
+    assert again.get(job.job_id).status is JobStatus.LOST  # it was running when the service stopped
+    again.close()
+
+
 def test_a_damaged_line_costs_one_record_and_the_old_layout_is_read_and_replaced(tmp_path: Path) -> None:
     store = JobStore(tmp_path, 10)
     store.recover()
