@@ -69,6 +69,7 @@ from bench_client import (
 from bench_report import Result, machine, ms, tables
 from bench_targets import (
     PROJECT,
+    PY,
     Gate,
     Target,
     Tools,
@@ -197,6 +198,7 @@ class Bench:
         self.profile_dir: Path | None = args.profile
         self.source: Path | None = args.streamsvc_src
         self.run_as: str = args.run_as
+        self.python: str = args.streamsvc_python or PY
         self.targets = ["streamsvc"] + (["node"] if node_dir is not None else [])
         self.results: list[Result] = []
         self.ceilings: dict[str, Result] = {}
@@ -239,7 +241,7 @@ class Bench:
         """A fresh service of `kind` for one scenario (profiled when asked)."""
         self._rounds += 1
         folder = self.scratch / f"{self._rounds:03d}-{scenario}-{kind}"
-        options = {"run_as": self.run_as} if kind == "streamsvc" else {}
+        options = {"run_as": self.run_as, "python": self.python} if kind == "streamsvc" else {}
         async with serve(kind, folder, self.tools(), node_dir=self.node_dir, source=self.source, **options) as target:
             if self.profile_dir is not None and kind == "streamsvc":
                 async with py_spy(target.proc.pid, self.profile_dir / f"{scenario}.txt"):
@@ -519,6 +521,8 @@ async def run(args: argparse.Namespace) -> Bench:
         if args.run_as:
             os.chmod(scratch, 0o711)  # the tools' user reaches the job tool and the gates by path
             note += f"; streamsvc's tools run as {args.run_as}"
+        if args.streamsvc_python:
+            note += f"; streamsvc runs on {args.streamsvc_python}"
         print(f"bench: {machine()}; {describe_source(args.streamsvc_src)}; {tool_note}; {note}", flush=True)
         bench = Bench(settings, scratch, tool, node_dir, args)
         for name in args.scenario or list(SCENARIOS):
@@ -547,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
         "--streamsvc-src",
         type=Path,
         help="a folder holding the streamsvc package to measure (default: the installed one)",
+    )
+    parser.add_argument(
+        "--streamsvc-python", help="the Python that runs streamsvc, with its dependencies (default: this one)"
     )
     parser.add_argument("--client-procs", type=int, default=4, help="client processes at most (default 4)")
     parser.add_argument(

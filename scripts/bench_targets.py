@@ -225,9 +225,10 @@ async def serve(
     node_dir: Path | None = None,
     source: Path | None = None,
     run_as: str = "",
+    python: str = PY,
 ) -> AsyncIterator[Target]:
-    """A fresh `kind` service ("streamsvc", from the `streamsvc` package in `source` or else
-    the installed one, its tools run as `run_as` if given; "node", from `node_dir`; or
+    """A fresh `kind` service ("streamsvc", run by `python`, from the `streamsvc` package in
+    `source` or else the installed one, its tools run as `run_as` if given; "node", from `node_dir`; or
     "bare", `bench_bare.py`) with `tools`, its files in `folder`; stopped with SIGTERM (then
     SIGKILL) at the end."""
     (folder / "projects" / PROJECT).mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,7 @@ async def serve(
     if kind == "streamsvc":
         config = folder / "streamsvc.toml"
         config.write_text(_streamsvc_toml(tools, run_as))
-        argv = [PY, "-m", "streamsvc", "server", "--config", str(config), "--port", str(port)]
+        argv = [python, "-m", "streamsvc", "server", "--config", str(config), "--port", str(port)]
         argv += ["--log-level", "WARNING"]
         cwd = source or ROOT
     elif kind == "bare":
