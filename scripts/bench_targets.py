@@ -228,9 +228,9 @@ async def serve(
     python: str = PY,
 ) -> AsyncIterator[Target]:
     """A fresh `kind` service ("streamsvc", run by `python`, from the `streamsvc` package in
-    `source` or else the installed one, its tools run as `run_as` if given; "node", from `node_dir`; or
-    "bare", `bench_bare.py`) with `tools`, its files in `folder`; stopped with SIGTERM (then
-    SIGKILL) at the end."""
+    `source` or else the installed one, its tools run as `run_as` if given; "node", from
+    `node_dir`; or "bare", `bench_bare.py`) with `tools`, its files in `folder`; stopped with
+    SIGTERM (then SIGKILL) at the end."""
     (folder / "projects" / PROJECT).mkdir(parents=True, exist_ok=True)
     port = free_port()
     if kind == "streamsvc":

@@ -15,7 +15,7 @@
  * It runs once per job, so its own start-up counts: on x86-64 the service builds it with
  * CONFINE_NOLIBC, without the C library, and it makes its few system calls itself. A static
  * glibc build spent ~300 us of CPU starting up before the tool's exec, measured in the VM
- * the benchmark ran on (the tool `true` itself takes ~500 us); this build spends ~40 us.
+ * the benchmark ran on (the tool `true` itself takes ~500 us); this build spends ~45 us.
  * Elsewhere it is built with the C library, the same code behind `sys`.
  */
 
@@ -108,12 +108,11 @@ static int parse(const char **text, char stop, unsigned long long *value) {
 static void say(int error, const char *what, const char *detail) {
     static const char *const names[] = {
         [EPERM] = "operation not permitted", [ENOENT] = "no such file or directory",
-        [EBADF] = "bad file descriptor",
         [E2BIG] = "argument list too long",  [ENOEXEC] = "not an executable",
-        [ENOMEM] = "out of memory",          [ENOTDIR] = "not a directory",
-        [EACCES] = "permission denied",      [EINVAL] = "invalid argument",
-        [ETXTBSY] = "text file busy",        [ENAMETOOLONG] = "file name too long",
-        [ELOOP] = "too many symbolic links",
+        [EBADF] = "bad file descriptor",     [ENOMEM] = "out of memory",
+        [EACCES] = "permission denied",      [ENOTDIR] = "not a directory",
+        [EINVAL] = "invalid argument",       [ETXTBSY] = "text file busy",
+        [ENAMETOOLONG] = "file name too long", [ELOOP] = "too many symbolic links",
     };
     char code[12];
     int at = (int)sizeof code - 1;

@@ -407,7 +407,7 @@ def _find_program(name: str, cwd: Path, path: str) -> str:
 
 
 #: how the exec shim is compiled, in order of preference: without the C library (x86-64
-#: only; it starts in a sixth of the time), with it and static, with it
+#: only; its start-up costs a seventh of a static glibc build's), with it and static, with it
 SHIM_BUILDS = (
     (
         *("-static", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector"),
