@@ -326,12 +326,15 @@ class Jail:
         return [(which, _bounded(which, value)) for which, value in wanted]
 
     def _confine_self(self) -> None:
-        """Runs in the forked child, before exec: join the groups, set limits, drop root."""
+        """Runs in the forked child, before exec: join the groups, set limits, become a batch
+        process, drop root."""
         for group in self.groups.values():
             with open(group / "cgroup.procs", "w") as procs:
                 procs.write(str(os.getpid()))
         for which, value in self._rlimits():
             resource.setrlimit(which, value)
+        with contextlib.suppress(OSError):  # as the shim does: see confine.c
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         if self.user is not None:
             uid, gid = self.user
             os.setgroups([])

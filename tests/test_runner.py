@@ -323,6 +323,12 @@ def shim(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     return tmp_path / "confine"
 
 
+def test_the_shim_makes_the_tool_a_batch_process(shim: Path) -> None:
+    script = "import os; print(os.sched_getscheduler(0))"
+    done = subprocess.run([str(shim), "--", PY, "python", "-c", script], capture_output=True, check=True)
+    assert done.stdout.decode().split() == [str(os.SCHED_BATCH)]
+
+
 def test_the_shim_sets_the_limits_then_becomes_the_tool(shim: Path) -> None:
     script = "ulimit -Sn; ulimit -Hn; ulimit -c; echo $0 $1; head -c 4 /proc/$$/cmdline"
     limits = [f"{resource.RLIMIT_NOFILE}:40:50", f"{resource.RLIMIT_CORE}:0:0"]
@@ -455,6 +461,18 @@ async def test_tool_runs_in_its_own_session_and_process_group(make_config: Confi
     pid, pgid, sid = (int(word) for word in done.lines[0].split())
     assert pgid == pid and sid == pid
     assert pgid != os.getpgid(0)
+
+
+async def test_a_tool_and_its_children_are_batch_processes(make_config: ConfigFactory, start: ClientFactory) -> None:
+    # their wake-ups do not preempt the service that streams their output
+    body = """
+        import os, subprocess, sys
+        print(os.sched_getscheduler(0))
+        subprocess.run([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], check=True)
+    """
+    done = await run(start, make_config, py_tool(body))
+    assert done.lines == [str(os.SCHED_BATCH)] * 2
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the service itself is not
 
 
 # --- how it ends ------------------------------------------------------------------------
