@@ -18,7 +18,7 @@ from .models import Job, JobStatus
 from .projects import Projects
 from .runner import REAP_BOUND_S, Outcome, Run, RunSpec, Sink
 from .sandbox import Sandbox
-from .store import LOST_MESSAGE, JobStore, now_ms
+from .store import LOST_MESSAGE, JobStore, end_log, final_events, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,11 @@ class WorkerPool:
                 await self._run(job)
             except Exception:  # a bug must cost one job, never a worker
                 log.exception("job %s: internal error", job.job_id)
-                if job.status is JobStatus.RUNNING:
-                    with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):
+                    if job.status is JobStatus.RUNNING:
                         self._finish(job, Outcome(JobStatus.FAILED, error="internal error"), output=())
+                    elif not (joblog := self.store.log(job.job_id)).finished:
+                        end_log(joblog, final_events(job, ()))  # it reached its end; its streams must too
 
     async def _run(self, job: Job) -> None:
         tool = self.config.tools.get(job.tool_id)

@@ -27,6 +27,8 @@ from conftest import (
     wait_job,
 )
 
+from streamsvc import pool as pool_module
+from streamsvc import store as store_module
 from streamsvc.api import POOL
 
 QUEUE_FIELDS = {
@@ -82,6 +84,32 @@ async def pids_printed(events: Any) -> list[int]:
         if isinstance(item, Event) and item.event == "output" and item.data["line"].startswith("pids "):
             return [int(pid) for pid in item.data["line"].split()[1:]]
     raise AssertionError("the stream ended before the tool printed its pids")
+
+
+# --- a bug --------------------------------------------------------------------------------
+
+
+async def test_a_bug_in_ending_a_job_still_ends_its_stream(
+    make_config: ConfigFactory, start: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the job has its final status when the bookkeeping of its end fails once
+    real = store_module.final_events
+    calls: list[int] = []
+
+    def fails_once(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "final_events", fails_once)
+    monkeypatch.setattr(pool_module, "final_events", fails_once)
+    client = await start(make_config({"hello": [PY, "-c", "print('hello')"]}))
+    events = await follow(client, await submit(client, "hello"))
+    assert [event.event for event in events][-2:] == ["status", "complete"]
+    assert events[-1].data["status"] == "completed" and len(calls) == 2
+    again = await follow(client, await submit(client, "hello"))  # the worker lives on
+    assert again[-1].event == "complete" and again[-1].data["output"] == ["hello"]
 
 
 # --- cancel -----------------------------------------------------------------------------
