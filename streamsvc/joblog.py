@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: a reader following a log: called with the frames just appended and the number before them
 Watcher = Callable[[bytes, int], None]
+#: an event's data: a dict, or its JSON text when that is built already (a `complete` event)
+EventData = dict[str, Any] | str
 
 #: event kinds that end a job's stream
 TERMINAL = frozenset({"complete", "error"})
@@ -35,17 +37,22 @@ MEMORY_WINDOW_BYTES = 4 * 1024 * 1024
 LOAD_CHUNK_BYTES = 1024 * 1024
 
 
-def encode_frame(seq: int, kind: str, data: dict[str, Any]) -> bytes:
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+def encode_frame(seq: int, kind: str, data: EventData) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {seq}\nevent: {kind}\ndata: {payload}\n\n".encode()
 
 
-def encode_output(seq: int, stream: str, line: str, timestamp: int) -> bytes:
+def json_string(line: str) -> str:
+    """`line` as a JSON string literal, as `json.dumps(line, ensure_ascii=False)` writes it."""
+    return _json_string(line)
+
+
+def encode_output(seq: int, stream: str, quoted: str, timestamp: int) -> bytes:
     """`encode_frame(seq, "output", {"line", "stream", "timestamp", "seq"})`, byte for byte,
-    at a fifth of the cost: the one string is escaped by json's C escaper, the rest is a
+    at a fifth of the cost, from the line already quoted (`json_string`); the rest is a
     template (`stream` is "stdout" or "stderr"). The hot path: one call per line."""
     return (
-        f'id: {seq}\nevent: output\ndata: {{"line":{_json_string(line)},"stream":"{stream}",'
+        f'id: {seq}\nevent: output\ndata: {{"line":{quoted},"stream":"{stream}",'
         f'"timestamp":{timestamp},"seq":{seq}}}\n\n'
     ).encode()
 
@@ -138,11 +145,11 @@ class JobLog:
     def finished(self) -> bool:
         return self._finished
 
-    def append(self, kind: str, data: dict[str, Any]) -> int:
+    def append(self, kind: str, data: EventData) -> int:
         self.extend([(kind, data)])
         return self.last_seq
 
-    def extend(self, events: Iterable[tuple[str, dict[str, Any]]], *, durable: bool = True) -> None:
+    def extend(self, events: Iterable[tuple[str, EventData]], *, durable: bool = True) -> None:
         """Number, encode and store a batch of events with one write. If the write fails,
         the file is cut back to its last whole frame and OSError is raised, nothing stored.
         `durable=False` keeps the events in memory only (the file can no longer be written,
@@ -152,15 +159,20 @@ class JobLog:
         terminal = False
         for kind, data in events:
             seq += 1
-            frames.append(encode_frame(seq, kind, data | {"seq": seq} if kind == "output" else data))
+            numbered = data | {"seq": seq} if kind == "output" and isinstance(data, dict) else data
+            frames.append(encode_frame(seq, kind, numbered))
             terminal = terminal or kind in TERMINAL
         self._store(frames, terminal, durable)
 
-    def extend_output(self, stream: str, lines: Sequence[str], timestamp: int) -> None:
-        """Store a batch of output lines of one stream ("stdout" or "stderr") as `output` events."""
+    def extend_output(self, stream: str, lines: Sequence[str], timestamp: int) -> list[str]:
+        """Store a batch of output lines of one stream ("stdout" or "stderr") as `output`
+        events; return the lines as the JSON strings they were stored as (what a `complete`
+        event's output is made of, without escaping them again)."""
+        quoted = list(map(_json_string, lines))
         first = self.last_seq + 1
-        frames = [encode_output(seq, stream, line, timestamp) for seq, line in enumerate(lines, first)]
+        frames = [encode_output(seq, stream, line, timestamp) for seq, line in enumerate(quoted, first)]
         self._store(frames, terminal=False, durable=True)
+        return quoted
 
     def _store(self, frames: list[bytes], terminal: bool, durable: bool) -> None:
         if self._finished:

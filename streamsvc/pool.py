@@ -189,9 +189,8 @@ class WorkerPool:
         tail: deque[str] = deque(maxlen=self.store.result_lines(job.tool_id))
 
         def sink(stream: str, lines: list[str]) -> None:
-            joblog.extend_output(stream, lines, now_ms())
+            tail.extend(joblog.extend_output(stream, lines, now_ms()))
             job.output_lines += len(lines)
-            tail.extend(lines)
 
         job.transition(JobStatus.RUNNING)
         self.store.save(job)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StorageError, UnknownJob
-from .joblog import JobLog
+from .joblog import EventData, JobLog, json_string
 from .models import Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,8 @@ class JobStore:
 
     def finish(self, job: Job, output: Sequence[str]) -> None:
         """A job has ended: save its record, then end its log (a crash between the two
-        leaves a log without its end, which loading completes), then apply retention."""
+        leaves a log without its end, which loading completes), then apply retention.
+        `output`: its last lines, as JSON strings (see `final_events`)."""
         self.save(job)
         joblog = self.log(job.job_id)
         end_log(joblog, final_events(job, output))
@@ -341,7 +342,7 @@ class JobStore:
         if job.status.finished and not joblog.finished:
             keep = self.result_lines(job.tool_id)
             tail = list(joblog.output_lines())[-keep:] if keep else []
-            end_log(joblog, final_events(job, tail))
+            end_log(joblog, final_events(job, list(map(json_string, tail))))
             joblog.close()
 
     def result_lines(self, tool_id: str) -> int:
@@ -360,15 +361,19 @@ class JobStore:
         return self.dir / f"{job_id}.log"
 
 
-def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, EventData]]:
     """What ends a finished job's log, whatever its status (`lost` too): its last status,
-    then `complete`. (Logs written before 2026-12 end a lost job with `error`.)"""
-    status = ("status", {"status": job.status.value, "timestamp": now_ms()})
-    return [status, ("complete", job.execution_response(_tail_within(output, MAX_RESULT_BYTES)))]
+    then `complete`, whose output is the last of `output` (lines as JSON strings, as
+    `JobLog.extend_output` returns them) that fit in MAX_RESULT_BYTES. (Logs written
+    before 2026-12 end a lost job with `error`.)"""
+    status: EventData = {"status": job.status.value, "timestamp": now_ms()}
+    return [("status", status), ("complete", job.execution_response_json(_tail_within(output, MAX_RESULT_BYTES)))]
 
 
-def _tail_within(lines: Sequence[str], max_bytes: int) -> list[str]:
+def _tail_within(lines: Sequence[str], max_bytes: int) -> Sequence[str]:
     """The last of `lines` that fit in `max_bytes` (the `complete` event stays small)."""
+    if sum(map(len, lines)) + len(lines) <= max_bytes:
+        return lines  # (the usual case, at a fraction of the loop's cost)
     kept: list[str] = []
     for line in reversed(lines):
         max_bytes -= len(line) + 1
@@ -378,7 +383,7 @@ def _tail_within(lines: Sequence[str], max_bytes: int) -> list[str]:
     return kept[::-1]
 
 
-def end_log(joblog: JobLog, events: list[tuple[str, dict[str, Any]]]) -> None:
+def end_log(joblog: JobLog, events: list[tuple[str, EventData]]) -> None:
     """Append a job's final events; if the data folder fails, keep them in memory so that
     the stream still ends as it must."""
     if joblog.finished:

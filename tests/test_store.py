@@ -39,10 +39,10 @@ from streamsvc import joblog as joblog_module
 from streamsvc import store as store_module
 from streamsvc.api import STORE
 from streamsvc.errors import UnknownJob
-from streamsvc.joblog import JobLog, encode_frame, encode_output, parse_frames
-from streamsvc.models import JobStatus
+from streamsvc.joblog import JobLog, encode_frame, encode_output, json_string, parse_frames
+from streamsvc.models import Job, JobStatus
 from streamsvc.runner import MIN_LINE_CHARGE
-from streamsvc.store import JOURNAL, JobStore
+from streamsvc.store import JOURNAL, JobStore, final_events
 
 #: prints its pid, then blocks until the file named by argv[1] exists
 PID_GATE = """
@@ -499,8 +499,36 @@ def test_a_damaged_line_costs_one_record_and_the_old_layout_is_read_and_replaced
 @given(line=st.text(), seq=st.integers(1, 10**12), stream=st.sampled_from(["stdout", "stderr"]))
 def test_the_fast_output_encoder_writes_exactly_what_the_general_one_does(line: str, seq: int, stream: str) -> None:
     data = {"line": line, "stream": stream, "timestamp": 1764000000000, "seq": seq}
-    assert encode_output(seq, stream, line, 1764000000000) == encode_frame(seq, "output", data)
-    assert list(parse_frames(encode_output(seq, stream, line, 1764000000000))) == [(seq, "output", data)]
+    frame = encode_output(seq, stream, json_string(line), 1764000000000)
+    assert frame == encode_frame(seq, "output", data)
+    assert list(parse_frames(frame)) == [(seq, "output", data)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.text(), max_size=30), status=st.sampled_from(list(JobStatus)[2:]))
+def test_a_complete_event_built_from_quoted_lines_holds_exactly_those_lines(
+    lines: list[str], status: JobStatus
+) -> None:
+    job = Job(job_id="j", tool_id="t", project_id="p", started_at=1764000000.0, completed_at=1764000001.5)
+    job.status, job.exit_code, job.error = status, 1, 'a "quoted" error'
+    [(_, _, status_event), (_, kind, data)] = parse_frames(
+        b"".join(
+            encode_frame(seq, kind, data)
+            for seq, (kind, data) in enumerate(final_events(job, [json_string(line) for line in lines]), 1)
+        )
+    )
+    assert status_event["status"] == status.value
+    assert kind == "complete" and data == job.execution_response(lines)
+
+
+def test_a_complete_event_keeps_the_last_lines_that_fit_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "MAX_RESULT_BYTES", 20)
+    lines = ["one", "two", 'a "quoted" one', "last"]  # as JSON strings: 5, 5, 18 and 6 characters
+    job = Job(job_id="j", tool_id="t", project_id="p")
+    [_, (_, data)] = final_events(job, [json_string(line) for line in lines])
+    assert isinstance(data, str) and json.loads(data)["output"] == ["last"]  # 18 + 1 more would not fit
+    [_, (_, data)] = final_events(job, [json_string(line) for line in lines[:2]])
+    assert isinstance(data, str) and json.loads(data)["output"] == ["one", "two"]
 
 
 def test_events_are_numbered_from_one_and_stored_as_frames(tmp_path: Path) -> None:
