@@ -41,6 +41,7 @@ from conftest import (
 )
 
 from streamsvc import sandbox as sandbox_module
+from streamsvc.runner import PIPE_READ_BYTES
 
 #: an argument of every process the tests start on purpose, so teardown never kills a reused pid
 MARKER = "streamsvc-test-sleeper"
@@ -651,6 +652,16 @@ async def test_a_line_over_max_line_bytes_is_split(make_config: ConfigFactory, s
     done = await run(start, make_config, writes(b"short\n" + long_line + b"\nafter\n"))
     text = long_line.decode()
     assert done.lines == ["short", text[:100], text[100:200], text[200:], "after"]
+
+
+async def test_lines_longer_than_one_read_of_the_pipe_arrive_whole(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """The pipe is read PIPE_READ_BYTES at a time: a line may span many reads."""
+    sizes = [PIPE_READ_BYTES - 1, PIPE_READ_BYTES, 5 * PIPE_READ_BYTES + 7, 3]
+    body = f"import sys\nfor i, size in enumerate({sizes}): sys.stdout.write(str(i) * size + '\\n')"
+    done = await run(start, make_config, py_tool(body, max_line_bytes=8 * PIPE_READ_BYTES))
+    assert done.lines == [str(i) * size for i, size in enumerate(sizes)]
 
 
 @pytest.mark.parametrize("text", ["a" + "é" * 100, "a" + "\U0001f600" * 60, "ab" + "€" * 70], ids=["2", "4", "3"])
