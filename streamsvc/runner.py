@@ -28,8 +28,8 @@ GROUP_POLL_S = 0.02
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: the most asked of a tool's pipe in one read: what a Linux pipe holds. asyncio asks for
 #: 256 KiB, a buffer that glibc may then get with mmap, fill with one line, shrink with mremap
-#: and free with munmap, on every read (cpython gh-121313): 13 µs a read instead of 1 here,
-#: and in the latency scenario ~1 µs a line and a p99 of 4.2-4.7 ms against 5.1-8.1
+#: and free with munmap, on every read (cpython gh-121313): 14.7 µs to read a line here, against
+#: 1.1 (docs/PERFORMANCE.md, the morning pass of 2026-12-06)
 PIPE_READ_BYTES = 64 * 1024
 
 #: takes a batch of output lines of one stream ("stdout" or "stderr"), in arrival order

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 #: finished logs kept open (their index in memory) for quick replay
 CACHED_LOGS = 64
 LOST_MESSAGE = "the service stopped while the job ran"
-#: the most output (in characters) a `complete` event carries, besides `max_result_lines`
+#: the most output a `complete` event carries (its lines as JSON strings, in characters),
+#: besides `max_result_lines`
 MAX_RESULT_BYTES = 1024 * 1024
 #: below this much free space, or this many free inodes, in the data folder, new jobs are
 #: refused (their log file is made at their first event, and must be)
