@@ -82,6 +82,7 @@ async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].start()
     yield
     await app[POOL].stop()
+    await app[STORE].settle()
     app[STORE].close()
 
 

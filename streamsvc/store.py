@@ -36,6 +36,8 @@ JOURNAL = "records.jsonl"
 #: the journal is rewritten when it holds more lines than this many per job, plus the slack
 COMPACT_FACTOR = 4
 COMPACT_SLACK = 1000
+#: how long a stopping service waits for a compaction under way (the old journal stays whole)
+COMPACT_BOUND_S = 30.0
 
 
 class RecordJournal:
@@ -51,6 +53,9 @@ class RecordJournal:
         self._size: int | None = None
         #: each job's newest record, encoded: what a compaction writes
         self._last: dict[str, bytes] = {}
+        #: while a compaction writes the new journal aside: the records appended since it began
+        self._since: list[bytes] | None = None
+        self._aside = path.with_name(path.name + ".tmp")
 
     def load(self, folder: Path) -> list[dict[str, Any]]:
         """The last record of each job, in the journal's order; a torn last line is cut
@@ -95,6 +100,8 @@ class RecordJournal:
             self._last.pop(record["job_id"], None)
         else:
             self._last[record["job_id"]] = line
+        if self._since is not None:  # a compaction is under way: the new journal gets it too
+            self._since.append(line)
         if self._size is None:
             self._size = self._whole_size()
             if self._size < _size_of(self.path):
@@ -130,25 +137,67 @@ class RecordJournal:
         """Rewrite the journal to hold exactly the newest record of each of `job_ids`, all
         of which it has seen (aside, synced, then renamed into place: a power loss leaves
         the old journal or the new one, never an empty one), and drop per-job record files
-        of the old layout. Other jobs are forgotten."""
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self._last = {job_id: self._last[job_id] for job_id in job_ids}
-        lines = list(self._last.values())
+        of the old layout. Other jobs are forgotten. Blocking: for the start."""
+        blob, count = self._begin(job_ids)
         try:
-            with open(tmp, "wb") as out:
-                out.write(b"".join(lines))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except OSError:
-            tmp.unlink(missing_ok=True)
+            self._write_aside(blob)
+        except BaseException:
+            self._since = None
             raise
-        self.lines = len(lines)
-        self._size = sum(map(len, lines))
+        self._swap(len(blob), count)
         with contextlib.suppress(OSError):  # the new journal is in place; this makes it last
             _sync_folder(self.path.parent)
         for path in self.path.parent.glob("*.json"):
             path.unlink(missing_ok=True)
+
+    async def compact_off_loop(self, job_ids: Iterable[str]) -> None:
+        """`compact`, with the new journal written and synced in a thread: a sync can take
+        long on a busy disk, and every stream would wait for it. Records appended meanwhile
+        go to the old journal, as always, and are added to the new one just before it takes
+        the old one's place."""
+        blob, count = self._begin(job_ids)
+        try:
+            await asyncio.to_thread(self._write_aside, blob)
+        except BaseException:  # (cancelled: at shutdown; the thread may still write the file aside)
+            self._since = None
+            raise
+        self._swap(len(blob), count)
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(_sync_folder, self.path.parent)
+
+    def _begin(self, job_ids: Iterable[str]) -> tuple[bytes, int]:
+        """The new journal's content and its number of lines; from now on appends are also
+        kept for it, until `_swap`."""
+        if self._since is not None:
+            raise RuntimeError("a compaction of the job journal is under way")
+        self._last = {job_id: self._last[job_id] for job_id in job_ids}
+        self._since = []
+        return b"".join(self._last.values()), len(self._last)
+
+    def _write_aside(self, blob: bytes) -> None:
+        """Write the new journal aside and sync it (in any thread: it touches nothing else)."""
+        try:
+            with open(self._aside, "wb") as out:
+                out.write(blob)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError:
+            self._aside.unlink(missing_ok=True)
+            raise
+
+    def _swap(self, size: int, count: int) -> None:
+        """Add the records appended since `_begin` to the new journal, then put it in place."""
+        since, self._since = self._since or [], None
+        try:
+            if since:
+                with open(self._aside, "ab") as out:
+                    out.write(b"".join(since))
+            os.replace(self._aside, self.path)
+        except OSError:
+            self._aside.unlink(missing_ok=True)
+            raise
+        self.lines = count + len(since)
+        self._size = size + sum(map(len, since))
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -199,6 +248,8 @@ class JobStore:
         self._hot: dict[str, JobLog] = {}
         self._cold: OrderedDict[str, JobLog] = OrderedDict()
         self._journal = RecordJournal(self.dir / JOURNAL)
+        #: the compaction under way in the background, if any
+        self._compacting: asyncio.Task[None] | None = None
 
     def recover(self) -> list[Job]:
         """Load every record; end the jobs a stopped service left running (`lost`) and
@@ -222,7 +273,7 @@ class JobStore:
         finished = [job for job in loaded if job.status.finished]
         finished.sort(key=lambda job: job.completed_at or job.created_at)  # retention's order, as before the stop
         self._finished = dict.fromkeys(job.job_id for job in finished)
-        self.prune()
+        self._remove_oldest()
         self._compact()
         return queued
 
@@ -306,7 +357,24 @@ class JobStore:
 
     def prune(self) -> None:
         """Keep the `retention_jobs` jobs that finished last; remove older ones, record and
-        log. Queued and running jobs are never removed."""
+        log. Queued and running jobs are never removed. Compact the journal when it has grown
+        long: in the background when the event loop runs, else at once."""
+        self._remove_oldest()
+        if self._journal.lines <= COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK or self._compacting is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._compact()
+        else:
+            self._compacting = loop.create_task(self._compact_off_loop(), name="journal-compaction")
+
+    async def settle(self) -> None:
+        """Wait (bounded) for a compaction under way: the service stops."""
+        if self._compacting is not None:
+            await asyncio.wait({self._compacting}, timeout=COMPACT_BOUND_S)
+
+    def _remove_oldest(self) -> None:
         while len(self._finished) > self.retention_jobs:
             job_id = next(iter(self._finished))
             del self._finished[job_id], self.jobs[job_id]
@@ -316,14 +384,20 @@ class JobStore:
                 self._journal.remove(job_id)
             except OSError as exc:  # then it comes back at a restart, to be removed again
                 log.error("cannot record the removal of job %s: %s", job_id, exc)
-        if self._journal.lines > COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK:
-            self._compact()
 
     def _compact(self) -> None:
         try:
             self._journal.compact(self.jobs)
         except OSError as exc:  # the journal stays as it was, longer than needed
             log.error("cannot compact the job journal: %s", exc)
+
+    async def _compact_off_loop(self) -> None:
+        try:
+            await self._journal.compact_off_loop(self.jobs)
+        except OSError as exc:
+            log.error("cannot compact the job journal: %s", exc)
+        finally:
+            self._compacting = None
 
     def close(self) -> None:
         for joblog in self._hot.values():

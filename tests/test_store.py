@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import attrs
 import pytest
 from conftest import (
+    BOUND_S,
     PY,
     TORN_FRAME,
     Client,
@@ -419,18 +421,32 @@ def test_prune_removes_the_oldest_finished_jobs_with_their_files(tmp_path: Path)
     store.close()
 
 
-def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def run_one(store: JobStore, to: JobStatus = JobStatus.COMPLETED) -> Job:
+    """A job through `store` as the pool takes it, up to `to`."""
+    job = store.add("t", "p")
+    if to is not JobStatus.QUEUED:
+        job.transition(JobStatus.RUNNING)
+        store.save(job)
+    if to.finished:
+        job.transition(to)
+        store.finish(job, [])
+    return job
+
+
+@pytest.fixture
+def eager_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> JobStore:
+    """A store in `tmp_path` that keeps two finished jobs, its journal compacted as soon as
+    it holds over four lines a job."""
     monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
     store = JobStore(tmp_path, 2)
     store.recover()
+    return store
+
+
+def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(tmp_path: Path, eager_store: JobStore) -> None:
+    store = eager_store
     for _ in range(50):  # three records each: queued, running, completed
-        job = store.add("t", "p")
-        job.transition(JobStatus.RUNNING)
-        store.save(job)
-        job.transition(JobStatus.COMPLETED)
-        store.finish(job, [])
+        run_one(store)
     journal = (tmp_path / "jobs" / JOURNAL).read_bytes().splitlines()
     assert len(journal) <= store_module.COMPACT_FACTOR * 2 + 3  # 150 records were written
     store.close()
@@ -442,12 +458,70 @@ def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(
     again.close()
 
 
-def test_a_record_that_could_not_be_written_is_written_by_the_next_compaction(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_compaction_writes_the_new_journal_off_the_loop_and_keeps_what_was_appended_meanwhile(
+    tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "COMPACT_SLACK", 0)
-    store = JobStore(tmp_path, 2)
-    store.recover()
+    store = eager_store
+    entered, release = threading.Event(), threading.Event()
+    write_aside = store_module.RecordJournal._write_aside
+
+    def held(journal: store_module.RecordJournal, blob: bytes) -> None:  # a slow disk, as long as the test likes
+        entered.set()
+        assert release.wait(BOUND_S)
+        write_aside(journal, blob)
+
+    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", held)
+    journal = tmp_path / "jobs" / JOURNAL
+    before = journal.stat().st_ino
+    for _ in range(5):  # three records a job: the journal outgrows four lines a job
+        run_one(store)
+    assert await asyncio.to_thread(entered.wait, BOUND_S)  # the new journal is being written aside ...
+    queued, running, ended = run_one(store, JobStatus.QUEUED), run_one(store, JobStatus.RUNNING), run_one(store)
+    release.set()  # ... while the loop went on
+    await store.settle()
+    assert journal.stat().st_ino != before  # the new journal is in place
+    store.close()
+
+    again = JobStore(tmp_path, 2)
+    assert [job.job_id for job in again.recover()] == [queued.job_id]
+    assert set(again.jobs) <= set(store.jobs)  # the jobs removed meanwhile stay removed
+    assert again.get(running.job_id).status is JobStatus.LOST
+    assert again.get(ended.job_id).status is JobStatus.COMPLETED
+    again.close()
+
+
+async def test_a_compaction_that_fails_leaves_the_journal_as_it_was_and_a_later_one_runs(
+    tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = eager_store
+    write_aside, failed = store_module.RecordJournal._write_aside, asyncio.Event()
+
+    def full_disk(journal: store_module.RecordJournal, blob: bytes) -> None:
+        failed.set()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", full_disk)
+    journal = tmp_path / "jobs" / JOURNAL
+    before = journal.stat().st_ino
+    jobs = [run_one(store) for _ in range(5)]
+    await store.settle()
+    assert failed.is_set() and journal.stat().st_ino == before
+    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", write_aside)
+    jobs += [run_one(store) for _ in range(3)]
+    await store.settle()
+    assert journal.stat().st_ino != before
+    assert len(journal.read_bytes().splitlines()) <= store_module.COMPACT_FACTOR * 2 + 3
+    store.close()
+    again = JobStore(tmp_path, 2)
+    again.recover()
+    assert list(again.jobs) == [job.job_id for job in jobs[-2:]]
+    again.close()
+
+
+def test_a_record_that_could_not_be_written_is_written_by_the_next_compaction(
+    tmp_path: Path, eager_store: JobStore
+) -> None:
+    store = eager_store
     job = store.add("t", "p")
     journal = tmp_path / "jobs" / JOURNAL
     kept = journal.read_bytes()
