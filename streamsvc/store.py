@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 #: finished logs kept open (their index in memory) for quick replay
 CACHED_LOGS = 64
 LOST_MESSAGE = "the service stopped while the job ran"
-#: the most output a `complete` event carries (its lines as JSON strings, in characters),
-#: besides `max_result_lines`
+#: the most output a `complete` event carries, besides `max_result_lines`: a line counts its
+#: characters and one more, as JSON writes them (a plain line: as many as it has)
 MAX_RESULT_BYTES = 1024 * 1024
 #: below this much free space, or this many free inodes, in the data folder, new jobs are
 #: refused (their log file is made at their first event, and must be)
@@ -56,6 +56,9 @@ class RecordJournal:
         #: while a compaction writes the new journal aside: the records appended since it began
         self._since: list[bytes] | None = None
         self._aside = path.with_name(path.name + ".tmp")
+        #: the last compaction finished off the loop, and its thread's write
+        self._finishing: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None
 
     def load(self, folder: Path) -> list[dict[str, Any]]:
         """The last record of each job, in the journal's order; a torn last line is cut
@@ -145,25 +148,52 @@ class RecordJournal:
             self._since = None
             raise
         self._swap(len(blob), count)
-        with contextlib.suppress(OSError):  # the new journal is in place; this makes it last
-            _sync_folder(self.path.parent)
-        for path in self.path.parent.glob("*.json"):
-            path.unlink(missing_ok=True)
+        self._settle_folder()
 
-    async def compact_off_loop(self, job_ids: Iterable[str]) -> None:
-        """`compact`, with the new journal written and synced in a thread: a sync can take
-        long on a busy disk, and every stream would wait for it. Records appended meanwhile
-        go to the old journal, as always, and are added to the new one just before it takes
-        the old one's place."""
+    def compact_off_loop(self, job_ids: Iterable[str]) -> None:
+        """`compact`, begun now and finished by a task, which writes and syncs the new
+        journal in a thread: a sync can take long on a busy disk, and every stream would
+        wait for it. Records appended meanwhile go to the old journal, as always, and are
+        added to the new one just before it takes the old one's place. A failure is
+        logged; the old journal stays."""
         blob, count = self._begin(job_ids)
+        self._finishing = asyncio.get_running_loop().create_task(
+            self._finish_off_loop(blob, count), name="journal-compaction"
+        )
+
+    @property
+    def compacting(self) -> bool:
+        """A compaction has begun and its new journal is not yet in place."""
+        return self._since is not None
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait, at most `timeout_s`, for a compaction under way, its thread included."""
+        pending = {future for future in (self._finishing, self._writing) if future is not None and not future.done()}
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    async def _finish_off_loop(self, blob: bytes, count: int) -> None:
+        self._writing = writing = asyncio.ensure_future(asyncio.to_thread(self._write_aside, blob))
         try:
-            await asyncio.to_thread(self._write_aside, blob)
-        except BaseException:  # (cancelled: at shutdown; the thread may still write the file aside)
-            self._since = None
+            await asyncio.shield(writing)  # cancelled (the service stops), the thread writes on ...
+        except asyncio.CancelledError:
+            writing.add_done_callback(self._abandon)  # ... and no other compaction begins before it ends
             raise
-        self._swap(len(blob), count)
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(_sync_folder, self.path.parent)
+        except OSError as exc:
+            self._since = None
+            log.error("cannot compact the job journal: %s", exc)
+            return
+        try:
+            self._swap(len(blob), count)
+        except OSError as exc:
+            log.error("cannot compact the job journal: %s", exc)
+            return
+        await asyncio.to_thread(self._settle_folder)
+
+    def _abandon(self, writing: asyncio.Future[None]) -> None:
+        self._since = None
+        if not writing.cancelled() and writing.exception() is not None:
+            log.error("cannot compact the job journal: %s", writing.exception())
 
     def _begin(self, job_ids: Iterable[str]) -> tuple[bytes, int]:
         """The new journal's content and its number of lines; from now on appends are also
@@ -184,6 +214,14 @@ class RecordJournal:
         except OSError:
             self._aside.unlink(missing_ok=True)
             raise
+
+    def _settle_folder(self) -> None:
+        """Once the new journal is in place: make the rename durable, and drop the per-job
+        record files of the old layout."""
+        with contextlib.suppress(OSError):
+            _sync_folder(self.path.parent)
+        for path in self.path.parent.glob("*.json"):
+            path.unlink(missing_ok=True)
 
     def _swap(self, size: int, count: int) -> None:
         """Add the records appended since `_begin` to the new journal, then put it in place."""
@@ -248,8 +286,6 @@ class JobStore:
         self._hot: dict[str, JobLog] = {}
         self._cold: OrderedDict[str, JobLog] = OrderedDict()
         self._journal = RecordJournal(self.dir / JOURNAL)
-        #: the compaction under way in the background, if any
-        self._compacting: asyncio.Task[None] | None = None
 
     def recover(self) -> list[Job]:
         """Load every record; end the jobs a stopped service left running (`lost`) and
@@ -360,19 +396,18 @@ class JobStore:
         log. Queued and running jobs are never removed. Compact the journal when it has grown
         long: in the background when the event loop runs, else at once."""
         self._remove_oldest()
-        if self._journal.lines <= COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK or self._compacting is not None:
+        if self._journal.lines <= COMPACT_FACTOR * len(self.jobs) + COMPACT_SLACK or self._journal.compacting:
             return
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             self._compact()
         else:
-            self._compacting = loop.create_task(self._compact_off_loop(), name="journal-compaction")
+            self._journal.compact_off_loop(self.jobs)
 
     async def settle(self) -> None:
         """Wait (bounded) for a compaction under way: the service stops."""
-        if self._compacting is not None:
-            await asyncio.wait({self._compacting}, timeout=COMPACT_BOUND_S)
+        await self._journal.settle(COMPACT_BOUND_S)
 
     def _remove_oldest(self) -> None:
         while len(self._finished) > self.retention_jobs:
@@ -390,14 +425,6 @@ class JobStore:
             self._journal.compact(self.jobs)
         except OSError as exc:  # the journal stays as it was, longer than needed
             log.error("cannot compact the job journal: %s", exc)
-
-    async def _compact_off_loop(self) -> None:
-        try:
-            await self._journal.compact_off_loop(self.jobs)
-        except OSError as exc:
-            log.error("cannot compact the job journal: %s", exc)
-        finally:
-            self._compacting = None
 
     def close(self) -> None:
         for joblog in self._hot.values():
@@ -445,13 +472,15 @@ def final_events(job: Job, output: Sequence[str]) -> list[tuple[str, EventData]]
     return [("status", status), ("complete", job.execution_response_json(_tail_within(output, MAX_RESULT_BYTES)))]
 
 
-def _tail_within(lines: Sequence[str], max_bytes: int) -> Sequence[str]:
-    """The last of `lines` that fit in `max_bytes` (the `complete` event stays small)."""
-    if sum(map(len, lines)) + len(lines) <= max_bytes:
-        return lines  # (the usual case, at a fraction of the loop's cost)
+def _tail_within(quoted: Sequence[str], max_bytes: int) -> Sequence[str]:
+    """The last of the `quoted` lines that fit in `max_bytes` (the `complete` event stays
+    small). A line counts as its JSON string less its quotes, plus one: a line without
+    escapes as its characters and a newline, as before the lines came quoted."""
+    if sum(map(len, quoted)) - len(quoted) <= max_bytes:
+        return quoted  # (the usual case, at a fraction of the loop's cost)
     kept: list[str] = []
-    for line in reversed(lines):
-        max_bytes -= len(line) + 1
+    for line in reversed(quoted):
+        max_bytes -= len(line) - 1
         if max_bytes < 0:
             break
         kept.append(line)

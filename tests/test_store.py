@@ -490,6 +490,47 @@ async def test_a_compaction_writes_the_new_journal_off_the_loop_and_keeps_what_w
     again.close()
 
 
+async def test_a_compaction_cancelled_while_its_thread_writes_lets_no_other_begin_until_that_write_ends(
+    tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping service cancels its tasks; the thread of a compaction writes on, and a
+    second compaction must not share its file aside meanwhile."""
+    store = eager_store
+    entered, release, writes = threading.Event(), threading.Event(), []
+    write_aside = store_module.RecordJournal._write_aside
+
+    def first_held(journal: store_module.RecordJournal, blob: bytes) -> None:
+        writes.append(len(blob))
+        if len(writes) == 1:
+            entered.set()
+            assert release.wait(BOUND_S)
+        write_aside(journal, blob)
+
+    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", first_held)
+    jobs = [run_one(store) for _ in range(5)]
+    assert await asyncio.to_thread(entered.wait, BOUND_S)
+
+    def compactions() -> list[asyncio.Task[Any]]:
+        return [task for task in asyncio.all_tasks() if task.get_name() == "journal-compaction"]
+
+    (compaction,) = compactions()
+    compaction.cancel()
+    await asyncio.wait({compaction})
+    jobs += [run_one(store) for _ in range(10)]  # the journal is due again and again ...
+    assert not compactions() and len(writes) == 1  # ... but the first write still runs
+    release.set()
+    await store.settle()
+    jobs += [run_one(store) for _ in range(2)]  # now the next compaction runs
+    await store.settle()
+    assert len(writes) == 2
+    store.close()
+    again = JobStore(tmp_path, 2)
+    again.recover()
+    assert list(again.jobs) == [job.job_id for job in jobs[-2:]]
+    assert "damaged" not in caplog.text
+    again.close()
+
+
 async def test_a_compaction_that_fails_leaves_the_journal_as_it_was_and_a_later_one_runs(
     tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -597,12 +638,15 @@ def test_a_complete_event_built_from_quoted_lines_holds_exactly_those_lines(
 
 def test_a_complete_event_keeps_the_last_lines_that_fit_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "MAX_RESULT_BYTES", 20)
-    lines = ["one", "two", 'a "quoted" one', "last"]  # as JSON strings: 5, 5, 18 and 6 characters
+    lines = ["one", "two", 'a "quoted" one', "last"]  # each counts its characters and one, escapes too: 4, 4, 17, 5
     job = Job(job_id="j", tool_id="t", project_id="p")
     [_, (_, data)] = final_events(job, [json_string(line) for line in lines])
-    assert isinstance(data, str) and json.loads(data)["output"] == ["last"]  # 18 + 1 more would not fit
-    [_, (_, data)] = final_events(job, [json_string(line) for line in lines[:2]])
-    assert isinstance(data, str) and json.loads(data)["output"] == ["one", "two"]
+    assert isinstance(data, str) and json.loads(data)["output"] == ["last"]  # 17 + 5 would not fit
+    [_, (_, data)] = final_events(job, [json_string(line) for line in lines[1:2] + lines[3:]])
+    assert isinstance(data, str) and json.loads(data)["output"] == ["two", "last"]
+    monkeypatch.setattr(store_module, "MAX_RESULT_BYTES", 9)
+    [_, (_, data)] = final_events(job, [json_string(line) for line in lines[1:2] + lines[3:]])
+    assert isinstance(data, str) and json.loads(data)["output"] == ["two", "last"]  # 4 + 5: exactly, as before
 
 
 def test_events_are_numbered_from_one_and_stored_as_frames(tmp_path: Path) -> None:
