@@ -38,6 +38,9 @@ COMPACT_FACTOR = 4
 COMPACT_SLACK = 1000
 #: how long a stopping service waits for a compaction under way (the old journal stays whole)
 COMPACT_BOUND_S = 30.0
+#: the most records kept for a compaction while its thread writes (~300 bytes each); past
+#: them, that compaction is given up and the old journal goes on
+COMPACT_BACKLOG = 100_000
 
 
 class RecordJournal:
@@ -55,6 +58,8 @@ class RecordJournal:
         self._last: dict[str, bytes] = {}
         #: while a compaction writes the new journal aside: the records appended since it began
         self._since: list[bytes] | None = None
+        #: the compaction under way outgrew COMPACT_BACKLOG: its new journal will not be used
+        self._given_up = False
         self._aside = path.with_name(path.name + ".tmp")
         #: the last compaction finished off the loop, and its thread's write
         self._finishing: asyncio.Task[None] | None = None
@@ -103,8 +108,11 @@ class RecordJournal:
             self._last.pop(record["job_id"], None)
         else:
             self._last[record["job_id"]] = line
-        if self._since is not None:  # a compaction is under way: the new journal gets it too
+        if self._since is not None and not self._given_up:  # a compaction is under way: the new journal gets it too
             self._since.append(line)
+            if len(self._since) > COMPACT_BACKLOG:
+                self._given_up = True
+                self._since.clear()
         if self._size is None:
             self._size = self._whole_size()
             if self._size < _size_of(self.path):
@@ -183,6 +191,11 @@ class RecordJournal:
             self._since = None
             log.error("cannot compact the job journal: %s", exc)
             return
+        if self._given_up:
+            self._since = None
+            self._aside.unlink(missing_ok=True)
+            log.warning("the job journal's compaction was given up: %d records came while it wrote", COMPACT_BACKLOG)
+            return
         try:
             self._swap(len(blob), count)
         except OSError as exc:
@@ -201,7 +214,7 @@ class RecordJournal:
         if self._since is not None:
             raise RuntimeError("a compaction of the job journal is under way")
         self._last = {job_id: self._last[job_id] for job_id in job_ids}
-        self._since = []
+        self._since, self._given_up = [], False
         return b"".join(self._last.values()), len(self._last)
 
     def _write_aside(self, blob: bytes) -> None:

@@ -458,26 +458,43 @@ def test_the_journal_is_compacted_and_keeps_the_last_record_of_each_job(tmp_path
     again.close()
 
 
-async def test_a_compaction_writes_the_new_journal_off_the_loop_and_keeps_what_was_appended_meanwhile(
-    tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = eager_store
-    entered, release = threading.Event(), threading.Event()
+@attrs.define
+class HeldWrite:
+    """The journal's writes aside, counted; the first one held until `release` is set (a
+    disk as slow as the test likes)."""
+
+    entered: threading.Event = attrs.Factory(threading.Event)
+    release: threading.Event = attrs.Factory(threading.Event)
+    writes: list[int] = attrs.Factory(list)
+
+
+@pytest.fixture
+def held_write(monkeypatch: pytest.MonkeyPatch) -> HeldWrite:
+    held = HeldWrite()
     write_aside = store_module.RecordJournal._write_aside
 
-    def held(journal: store_module.RecordJournal, blob: bytes) -> None:  # a slow disk, as long as the test likes
-        entered.set()
-        assert release.wait(BOUND_S)
+    def first_held(journal: store_module.RecordJournal, blob: bytes) -> None:
+        held.writes.append(len(blob))
+        if len(held.writes) == 1:
+            held.entered.set()
+            assert held.release.wait(BOUND_S)
         write_aside(journal, blob)
 
-    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", held)
+    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", first_held)
+    return held
+
+
+async def test_a_compaction_writes_the_new_journal_off_the_loop_and_keeps_what_was_appended_meanwhile(
+    tmp_path: Path, eager_store: JobStore, held_write: HeldWrite
+) -> None:
+    store = eager_store
     journal = tmp_path / "jobs" / JOURNAL
     before = journal.stat().st_ino
     for _ in range(5):  # three records a job: the journal outgrows four lines a job
         run_one(store)
-    assert await asyncio.to_thread(entered.wait, BOUND_S)  # the new journal is being written aside ...
+    assert await asyncio.to_thread(held_write.entered.wait, BOUND_S)  # the new journal is being written aside ...
     queued, running, ended = run_one(store, JobStatus.QUEUED), run_one(store, JobStatus.RUNNING), run_one(store)
-    release.set()  # ... while the loop went on
+    held_write.release.set()  # ... while the loop went on
     await store.settle()
     assert journal.stat().st_ino != before  # the new journal is in place
     store.close()
@@ -491,24 +508,13 @@ async def test_a_compaction_writes_the_new_journal_off_the_loop_and_keeps_what_w
 
 
 async def test_a_compaction_cancelled_while_its_thread_writes_lets_no_other_begin_until_that_write_ends(
-    tmp_path: Path, eager_store: JobStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, eager_store: JobStore, held_write: HeldWrite, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stopping service cancels its tasks; the thread of a compaction writes on, and a
     second compaction must not share its file aside meanwhile."""
     store = eager_store
-    entered, release, writes = threading.Event(), threading.Event(), []
-    write_aside = store_module.RecordJournal._write_aside
-
-    def first_held(journal: store_module.RecordJournal, blob: bytes) -> None:
-        writes.append(len(blob))
-        if len(writes) == 1:
-            entered.set()
-            assert release.wait(BOUND_S)
-        write_aside(journal, blob)
-
-    monkeypatch.setattr(store_module.RecordJournal, "_write_aside", first_held)
     jobs = [run_one(store) for _ in range(5)]
-    assert await asyncio.to_thread(entered.wait, BOUND_S)
+    assert await asyncio.to_thread(held_write.entered.wait, BOUND_S)
 
     def compactions() -> list[asyncio.Task[Any]]:
         return [task for task in asyncio.all_tasks() if task.get_name() == "journal-compaction"]
@@ -517,17 +523,41 @@ async def test_a_compaction_cancelled_while_its_thread_writes_lets_no_other_begi
     compaction.cancel()
     await asyncio.wait({compaction})
     jobs += [run_one(store) for _ in range(10)]  # the journal is due again and again ...
-    assert not compactions() and len(writes) == 1  # ... but the first write still runs
-    release.set()
+    assert not compactions() and len(held_write.writes) == 1  # ... but the first write still runs
+    held_write.release.set()
     await store.settle()
     jobs += [run_one(store) for _ in range(2)]  # now the next compaction runs
     await store.settle()
-    assert len(writes) == 2
+    assert len(held_write.writes) == 2
     store.close()
     again = JobStore(tmp_path, 2)
     again.recover()
     assert list(again.jobs) == [job.job_id for job in jobs[-2:]]
     assert "damaged" not in caplog.text
+    again.close()
+
+
+async def test_a_compaction_whose_write_outlasts_its_backlog_is_given_up_and_loses_nothing(
+    tmp_path: Path, eager_store: JobStore, held_write: HeldWrite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = eager_store
+    monkeypatch.setattr(store_module, "COMPACT_BACKLOG", 4)
+    journal = tmp_path / "jobs" / JOURNAL
+    before = journal.stat().st_ino
+    jobs = [run_one(store) for _ in range(5)]
+    assert await asyncio.to_thread(held_write.entered.wait, BOUND_S)
+    queued = run_one(store, JobStatus.QUEUED)
+    jobs += [run_one(store) for _ in range(2)]  # 7 records while the first compaction writes: over its backlog
+    held_write.release.set()
+    await store.settle()
+    assert journal.stat().st_ino == before  # given up: the old journal, with every record, goes on
+    jobs.append(run_one(store))  # and the next compaction runs
+    await store.settle()
+    assert journal.stat().st_ino != before and len(held_write.writes) == 2
+    store.close()
+    again = JobStore(tmp_path, 2)
+    assert [job.job_id for job in again.recover()] == [queued.job_id]
+    assert set(again.jobs) == {queued.job_id, *(job.job_id for job in jobs[-2:])}
     again.close()
 
 
