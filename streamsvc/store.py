@@ -184,21 +184,17 @@ class RecordJournal:
         self._writing = writing = asyncio.ensure_future(asyncio.to_thread(self._write_aside, blob))
         try:
             await asyncio.shield(writing)  # cancelled (the service stops), the thread writes on ...
+            if self._given_up:
+                self._since = None
+                self._aside.unlink(missing_ok=True)
+                log.warning("job journal compaction given up: %d records came while it wrote", COMPACT_BACKLOG)
+                return
+            self._swap(len(blob), count)
         except asyncio.CancelledError:
             writing.add_done_callback(self._abandon)  # ... and no other compaction begins before it ends
             raise
-        except OSError as exc:
+        except OSError as exc:  # (the write aside or the swap: the old journal stays)
             self._since = None
-            log.error("cannot compact the job journal: %s", exc)
-            return
-        if self._given_up:
-            self._since = None
-            self._aside.unlink(missing_ok=True)
-            log.warning("the job journal's compaction was given up: %d records came while it wrote", COMPACT_BACKLOG)
-            return
-        try:
-            self._swap(len(blob), count)
-        except OSError as exc:
             log.error("cannot compact the job journal: %s", exc)
             return
         await asyncio.to_thread(self._settle_folder)
