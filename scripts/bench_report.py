@@ -35,6 +35,9 @@ HEADLINES: dict[str, list[tuple[str, str, bool]]] = {
         ("p99_ms", "p99 ms", False),
         ("lost", "lost", False),
         ("service_cpu_ms_per_job", "service CPU ms/job", False),
+        ("client_cpu_ms_per_job", "client CPU ms/job", False),
+        ("tools_cpu_ms_per_job", "tools CPU ms/job", False),
+        ("machine_cpu_ms_per_job", "machine CPU ms/job", False),
     ],
     "idle": [("kib_per_stream", "KiB/stream", False)],
 }
