@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
+from .errors import PastLastEvent
 from .joblog import EventLog
 from .logs import ACCESS_LOG, log_access, request_fields
 
@@ -158,7 +160,7 @@ class Session(asyncio.Protocol):
                 return
             if self.cursor >= self.log.last_seq:
                 if self.log.finished:
-                    self._end()
+                    self._end(self._past_the_end())
                 return  # following: the log's call brings what comes next
             try:
                 blob, cursor = self.log.frames_after(self.cursor, MAX_WRITE_BYTES)
@@ -187,6 +189,15 @@ class Session(asyncio.Protocol):
         self.events_sent += cursor - self.cursor
         self.bytes_sent += len(blob)
         self.cursor = cursor
+
+    def _past_the_end(self) -> bytes:
+        """Nothing; or, for a subscriber that resumed from an id the job never reached (not
+        one from this job's log), a terminal `error` event without an id, with the message
+        of the 409 it would get now: its stream must not end with no terminal event."""
+        if self.cursor <= self.log.last_seq:
+            return b""
+        message = PastLastEvent(self.cursor, self.log.last_seq).message
+        return self._framed(f"event: error\ndata: {json.dumps({'message': message})}\n\n".encode())
 
     def _end(self, last: bytes = b"") -> None:
         """End the response (`last`, framed, then its last chunk), then the connection:

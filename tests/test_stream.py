@@ -86,16 +86,21 @@ async def test_resume_past_the_end_of_a_running_job_waits_for_it_and_of_a_finish
     make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
     """A running job may still reach the id; a finished one never will, so a client with an
-    id from elsewhere is told, where a 200 would have it reconnect for nothing forever."""
+    id from elsewhere is told, where a 200 would have it reconnect for nothing forever. One
+    that waited for an id the job then never reached is told too, by a terminal `error`."""
     gate = tmp_path / "gate"
     client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
     job_id = await submit(client, "gate")
     await wait_job(client, job_id, {"outputLines": 1})  # events 1 and 2: running, "waiting"
-    async with client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": "3"}) as ahead:
-        assert ahead.status == 200
-        gate.touch()  # then 3: "released", 4: status, 5: complete
-        events = [item async for item in read_sse(ahead) if isinstance(item, Event)]
+    ahead = await client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": "3"})
+    beyond = await client.get(f"/api/stream/{job_id}", headers={"Last-Event-ID": "100"})
+    assert ahead.status == beyond.status == 200
+    gate.touch()  # then 3: "released", 4: status, 5: complete
+    events = await collect(ahead)
     assert [(e.id, e.event) for e in events] == [(4, "status"), (5, "complete")]
+    assert await collect(beyond) == [
+        Event(None, "error", {"message": "Last-Event-ID 100 is past the job's last event (5)"})
+    ]
     for resume in ({"headers": {"Last-Event-ID": "6"}}, {"params": {"lastEventId": "1000"}}):
         response = await client.get(f"/api/stream/{job_id}", **resume)  # type: ignore[arg-type]
         assert response.status == 409, await response.text()
