@@ -98,6 +98,9 @@ async def read_json(request: web.Request, fields: tuple[str, ...]) -> dict[str, 
     """A JSON object with exactly `fields`, each a short string without NUL."""
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the body must be JSON (Content-Type: application/json)")
+    if request.content_length is not None and request.content_length > request.client_max_size:
+        # told now, not once that much has come (a client may be waiting to send it)
+        raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
     try:
         body = json.loads(await request.read())
     except web.RequestPayloadError:

@@ -35,6 +35,9 @@ class Unauthorized(UserError):
     status = 401
     code = "unauthorized"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="streamsvc"'})  # (RFC 6750)
+
 
 class NotFound(UserError):
     status = 404

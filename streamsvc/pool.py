@@ -139,7 +139,10 @@ class WorkerPool:
             positions = self.positions()
         position = (positions or {}).get(job.job_id)
         wait = self.estimated_wait_ms(position) if position is not None else None
-        return job.to_json(position, wait)
+        data = job.to_json(position, wait)
+        if (run := self._runs.get(job.job_id)) is not None:  # running: its bytes so far, as its lines
+            data["outputBytes"] = run.output_bytes
+        return data
 
     def status(self) -> dict[str, Any]:
         position = len(self._pending) + 1

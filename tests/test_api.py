@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientResponse
 from conftest import (
+    BOUND_S,
     PY,
     UNKNOWN_JOB,
     Client,
@@ -260,6 +261,29 @@ async def test_body_over_the_size_limit_is_413(make_config: ConfigFactory, start
     assert lines_of(await follow(client, job_id)) == ["hello", "world"]
 
 
+async def test_a_body_declared_over_the_size_limit_is_413_before_it_is_sent(
+    make_config: ConfigFactory, start: ClientFactory
+) -> None:
+    """The answer comes from the declared length: a client that waits for it (`Expect:
+    100-continue`, or one sending slowly) is not left waiting for a body it must not send."""
+    client = await start(make_config({"hello": [PY, "hello.py"]}))
+    url = client.make_url("/")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(
+            b"POST /api/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000000\r\n\r\n" + b'{"toolId": "hello"'
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), BOUND_S))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    assert body["error"]["code"] == "body_too_large", body
+    assert await job_count(client) == 0
+
+
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", ""])
 async def test_body_that_is_not_json_is_415(
     make_config: ConfigFactory, start: ClientFactory, content_type: str
@@ -424,6 +448,23 @@ async def test_a_completed_job_has_every_field(make_config: ConfigFactory, start
     between_ms = (completed - started) / timedelta(milliseconds=1)
     assert abs(job["durationMs"] - between_ms) <= 1  # the same interval, each rounded to milliseconds
     assert await get_data(client, "/api/jobs") == [job]
+
+
+async def test_a_running_jobs_output_counts_grow_as_it_prints(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    """A progress bar may follow either count while the job runs."""
+    gate = tmp_path / "gate"
+    client = await start(make_config({"gate": [PY, "gate.py", str(gate)]}))
+    job_id = await submit(client, "gate")
+    running = await wait_job(client, job_id, {"outputLines": 1})
+    assert running["status"] == "running" and running["outputBytes"] == len("waiting\n")
+    [listed] = await get_data(client, "/api/jobs")  # (its durationMs has grown meanwhile)
+    assert (listed["outputLines"], listed["outputBytes"]) == (1, len("waiting\n"))
+    gate.touch()
+    await follow(client, job_id)
+    done = await job_of(client, job_id)
+    assert (done["outputLines"], done["outputBytes"]) == (2, len("waiting\nreleased\n"))
 
 
 async def test_a_failed_job_reports_its_exit_code(make_config: ConfigFactory, start: ClientFactory) -> None:
@@ -668,6 +709,7 @@ async def test_with_a_token_every_api_route_needs_it(make_config: ConfigFactory,
         for headers in wrong_headers:
             response = await client.request(method, path, headers=headers, json=body)
             await error_of(response, 401, "unauthorized")
+            assert response.headers["WWW-Authenticate"] == 'Bearer realm="streamsvc"'
     assert len(await get_data(client, "/api/jobs", **good)) == 1  # the refused POSTs created nothing
     assert lines_of(await follow(client, job_id, **good)) == ["hello", "world"]
     assert await (await client.get(f"/api/jobs/{job_id}/log", headers=good)).text() == "hello\nworld\n"
