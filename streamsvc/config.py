@@ -119,6 +119,17 @@ class ProjectsConfig:
 def _argv(_: object, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
     if not value or not all(value):
         raise ValueError("must be a non-empty list of non-empty strings")
+    if any("\0" in arg for arg in value):
+        raise ValueError("an argument cannot hold a NUL character")
+
+
+def _env(_: object, attribute: attrs.Attribute[Mapping[str, str]], value: Mapping[str, str]) -> None:
+    """What a job can be given: the service sets HOME itself (see `Homes`)."""
+    for name, text in value.items():
+        if name == "HOME":
+            raise ValueError("HOME cannot be set: every job gets a fresh, empty HOME of its own")
+        if not name or "=" in name or "\0" in name or "\0" in text:
+            raise ValueError(f"{name[:40]!r}: not a usable variable (an empty name, '=' in it, or a NUL)")
 
 
 def _relative(_: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -137,7 +148,7 @@ class ToolConfig:
     description: str = ""
     #: working directory, relative to the project folder
     cwd: str = field(default=".", validator=_relative)
-    env: Mapping[str, str] = field(factory=dict, converter=_read_only)
+    env: Mapping[str, str] = field(factory=dict, converter=_read_only, validator=_env)
     limits: Limits = Limits()
 
 

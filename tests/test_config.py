@@ -290,6 +290,11 @@ def test_missing_argv_is_named(tmp_path: Path) -> None:
         (TOOL + "cwd = '../x'\n", "tools.t.cwd"),
         (TOOL + "cwd = 'a/../../x'\n", "tools.t.cwd"),
         (TOOL + "cwd = '/etc'\n", "tools.t.cwd"),
+        (TOOL + "env = { HOME = '/root' }\n", "tools.t.env"),
+        (TOOL + "env = { 'A=B' = 'x' }\n", "tools.t.env"),
+        (TOOL + "env = { '' = 'x' }\n", "tools.t.env"),
+        (TOOL + 'env = { A = "x\\u0000y" }\n', "tools.t.env"),
+        ('[tools.t]\nargv = ["echo", "a\\u0000b"]\n', "tools.t.argv"),
     ],
 )
 def test_impossible_value_is_named(tmp_path: Path, text: str, key: str) -> None:
