@@ -56,6 +56,10 @@ class RecordJournal:
         self._size: int | None = None
         #: each job's newest record, encoded: what a compaction writes
         self._last: dict[str, bytes] = {}
+        #: records whose write failed (a full or failing disk), newest per job, written ahead
+        #: of the next record that is; at most one per job the store held when writes failed
+        #: (it admits no new job while they fail)
+        self._unwritten: dict[str, bytes] = {}
         #: while a compaction writes the new journal aside: the records appended since it began
         self._since: list[bytes] | None = None
         #: the compaction under way outgrew COMPACT_BACKLOG: its new journal will not be used
@@ -100,26 +104,38 @@ class RecordJournal:
             records[record["job_id"]] = record
 
     def append(self, record: dict[str, Any]) -> None:
-        """One line, one write; on failure the file is cut back to its last whole line.
-        The file is open only for the write, so no descriptor pins the data folder. The
-        record is the job's newest even when the write fails: the next compaction writes it."""
+        """One line, one write (see `flush`). The record is the job's newest even when the
+        write fails: the next write that succeeds, or the next compaction, writes it."""
+        job_id = record["job_id"]
         line = _encode(record)
         if record.get("removed"):
-            self._last.pop(record["job_id"], None)
+            self._last.pop(job_id, None)
         else:
-            self._last[record["job_id"]] = line
-        if self._since is not None and not self._given_up:  # a compaction is under way: the new journal gets it too
-            self._since.append(line)
-            if len(self._since) > COMPACT_BACKLOG:
-                self._given_up = True
-                self._since.clear()
+            self._last[job_id] = line
+        self._unwritten.pop(job_id, None)  # (an older one of the job is superseded)
+        self._unwritten[job_id] = line
+        self.flush()
+
+    def forget(self, job_id: str) -> None:
+        """Drop the record of a job the store refused because its write failed."""
+        self._unwritten.pop(job_id, None)
+        self._last.pop(job_id, None)
+
+    def flush(self) -> None:
+        """Write the records not yet in the file, in one write; on failure they stay for the
+        next, and the file is cut back to its last whole line. The file is open only for
+        the write, so no descriptor pins the data folder."""
+        if not self._unwritten:
+            return
+        lines = list(self._unwritten.values())
+        blob = b"".join(lines)
         if self._size is None:
             self._size = self._whole_size()
             if self._size < _size_of(self.path):
-                line = b"\n" + line  # a torn line that could not be cut stays a line of its own
+                blob = b"\n" + blob  # a torn line that could not be cut stays a line of its own
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            if os.write(fd, line) != len(line):
+            if os.write(fd, blob) != len(blob):
                 raise OSError(errno.ENOSPC, "short write to the job journal")
         except OSError:
             with contextlib.suppress(OSError):
@@ -127,8 +143,14 @@ class RecordJournal:
             raise
         finally:
             os.close(fd)
-        self._size += len(line)
-        self.lines += 1
+        self._unwritten.clear()
+        self._size += len(blob)
+        self.lines += len(lines)
+        if self._since is not None and not self._given_up:  # a compaction is under way: the new journal gets them too
+            self._since += lines
+            if len(self._since) > COMPACT_BACKLOG:
+                self._given_up = True
+                self._since.clear()
 
     def remove(self, job_id: str) -> None:
         """Record that a job is gone: loading forgets its earlier records."""
@@ -329,6 +351,7 @@ class JobStore:
         try:
             self._write(job)
         except OSError as exc:
+            self._journal.forget(job.job_id)  # refused: never to be written later
             raise StorageError(f"cannot record the job in the data folder: {exc.strerror}") from None
         self.jobs[job.job_id] = job
         self._hot[job.job_id] = JobLog.create(self._log_path(job.job_id))
@@ -348,7 +371,8 @@ class JobStore:
 
     def save(self, job: Job) -> None:
         """Persist the record. A failing data folder is logged, not raised: the record in
-        memory stays right and is served."""
+        memory stays right and is served, and is written with the next record that is (or
+        when the service stops)."""
         try:
             self._write(job)
         except OSError as exc:
@@ -423,10 +447,13 @@ class JobStore:
             job_id = next(iter(self._finished))
             del self._finished[job_id], self.jobs[job_id]
             self._cold.pop(job_id, None)
-            self._log_path(job_id).unlink(missing_ok=True)
+            try:
+                self._log_path(job_id).unlink(missing_ok=True)
+            except OSError as exc:  # (a read-only or failing disk) the file stays, unserved
+                log.error("cannot remove the log of job %s: %s", job_id, exc)
             try:
                 self._journal.remove(job_id)
-            except OSError as exc:  # then it comes back at a restart, to be removed again
+            except OSError as exc:  # written with the next record that is, or at the stop
                 log.error("cannot record the removal of job %s: %s", job_id, exc)
 
     def _compact(self) -> None:
@@ -436,8 +463,13 @@ class JobStore:
             log.error("cannot compact the job journal: %s", exc)
 
     def close(self) -> None:
+        """The service stops: write the records whose writes failed, if the disk now takes them."""
         for joblog in self._hot.values():
             joblog.close()
+        try:
+            self._journal.flush()
+        except OSError as exc:  # their jobs come back at the start as the journal last had them
+            log.error("cannot write the last job records: %s", exc)
 
     def _end_lost(self, job: Job) -> None:
         joblog = JobLog.load(self._log_path(job.job_id))

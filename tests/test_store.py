@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from streamsvc import joblog as joblog_module
 from streamsvc import store as store_module
 from streamsvc.api import STORE
-from streamsvc.errors import UnknownJob
+from streamsvc.errors import StorageError, UnknownJob
 from streamsvc.joblog import JobLog, encode_frame, encode_output, json_string, parse_frames
 from streamsvc.models import Job, JobStatus
 from streamsvc.runner import MIN_LINE_CHARGE
@@ -589,32 +589,89 @@ async def test_a_compaction_that_fails_leaves_the_journal_as_it_was_and_a_later_
     again.close()
 
 
-def test_a_record_that_could_not_be_written_is_written_by_the_next_compaction(
-    tmp_path: Path, eager_store: JobStore
+@attrs.define
+class Unwritable:
+    """The journal made unwritable for a while, for real: a folder where its file was."""
+
+    path: Path
+    kept: bytes = b""
+
+    def __enter__(self) -> None:
+        self.kept = self.path.read_bytes()
+        self.path.unlink()
+        self.path.mkdir()
+
+    def __exit__(self, *_: object) -> None:
+        self.path.rmdir()
+        self.path.write_bytes(self.kept)
+
+
+def test_a_record_whose_write_failed_is_written_with_the_next_one(tmp_path: Path) -> None:
+    """A job that ended while the disk refused its record must not come back as it was
+    before (queued again, or lost) once the disk takes writes again."""
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    ended = run_one(store, JobStatus.RUNNING)
+    with Unwritable(tmp_path / "jobs" / JOURNAL):
+        ended.transition(JobStatus.COMPLETED)
+        store.finish(ended, [])  # logged, not raised
+    later = run_one(store, JobStatus.QUEUED)
+    store.close()
+    again = JobStore(tmp_path, 10)
+    assert [job.job_id for job in again.recover()] == [later.job_id]
+    assert again.get(ended.job_id).to_json() == ended.to_json()
+    again.close()
+
+
+def test_a_stopping_store_writes_the_records_whose_writes_failed(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 10)
+    store.recover()
+    ended = run_one(store, JobStatus.RUNNING)
+    with Unwritable(tmp_path / "jobs" / JOURNAL):
+        ended.transition(JobStatus.FAILED, error="it failed")
+        store.finish(ended, [])
+    store.close()
+    again = JobStore(tmp_path, 10)
+    assert again.recover() == []
+    assert again.get(ended.job_id).to_json() == ended.to_json()
+    again.close()
+
+
+async def test_a_job_refused_for_a_failed_write_is_never_written(
+    tmp_path: Path, eager_store: JobStore, held_write: HeldWrite
 ) -> None:
+    """Not later with another record, nor into a new journal being compacted meanwhile: its
+    client was told it was not accepted."""
     store = eager_store
-    job = store.add("t", "p")
-    journal = tmp_path / "jobs" / JOURNAL
-    kept = journal.read_bytes()
-    journal.unlink()
-    journal.mkdir()  # for a while the journal cannot be written
-    job.transition(JobStatus.RUNNING)
-    store.save(job)  # logged, not raised: the record in memory is right
-    journal.rmdir()
-    journal.write_bytes(kept)  # it holds the job as queued
-    before = journal.stat().st_ino
-    for _ in range(20):  # other jobs come and go until the journal is compacted (renamed into place)
-        other = store.add("t", "p")
-        other.transition(JobStatus.RUNNING)
-        other.transition(JobStatus.COMPLETED)
-        store.finish(other, [])
-        if journal.stat().st_ino != before:
-            break
-    assert journal.stat().st_ino != before
+    kept = [run_one(store) for _ in range(5)]
+    assert await asyncio.to_thread(held_write.entered.wait, BOUND_S)  # a compaction writes aside
+    with Unwritable(tmp_path / "jobs" / JOURNAL), pytest.raises(StorageError):
+        store.add("t", "p")
+    accepted = run_one(store, JobStatus.QUEUED)
+    held_write.release.set()
+    await store.settle()
     store.close()
     again = JobStore(tmp_path, 2)
-    assert job.job_id not in {queued.job_id for queued in again.recover()}  # not run a second time
-    assert again.get(job.job_id).status is JobStatus.LOST  # it was running when the service stopped
+    assert [job.job_id for job in again.recover()] == [accepted.job_id]
+    assert set(again.jobs) == {accepted.job_id, *(job.job_id for job in kept[-2:])}
+    again.close()
+
+
+def test_a_log_that_cannot_be_removed_does_not_stop_retention(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A read-only or failing disk: the job is still dropped, its removal recorded."""
+    store = JobStore(tmp_path, 1)
+    store.recover()
+    oldest = run_one(store)
+    log_file = tmp_path / "jobs" / f"{oldest.job_id}.log"
+    log_file.unlink()
+    (log_file / "held").mkdir(parents=True)  # a folder with something in it: unlink fails
+    newest = run_one(store)  # retention drops the oldest
+    assert list(store.jobs) == [newest.job_id]
+    assert f"cannot remove the log of job {oldest.job_id}" in caplog.text
+    store.close()
+    again = JobStore(tmp_path, 1)
+    again.recover()
+    assert list(again.jobs) == [newest.job_id]
     again.close()
 
 
