@@ -29,7 +29,7 @@ from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
 from .registry import Session, SessionRegistry, SessionResponse
 from .store import JobStore
-from .uploads import spool
+from .uploads import received, spool
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ async def read_json(request: web.Request, fields: tuple[str, ...]) -> dict[str, 
         # told now, not once that much has come (a client may be waiting to send it)
         raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length)
     try:
-        body = json.loads(await request.read())
+        body = json.loads(await received(request.read(), request.app[CONFIG].server.stream_stall_s))
     except web.RequestPayloadError:
         raise BadRequest("the body could not be read (bad Content-Encoding?)") from None
     except (ValueError, RecursionError):
@@ -172,15 +172,20 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 @routes.get("/api/jobs/{jobId:[^/]+}/log")
 async def job_log(request: web.Request) -> web.StreamResponse:
-    joblog = await request.app[STORE].open_log(job_id_of(request))
+    job_id = job_id_of(request)
+    joblog = await request.app[STORE].open_log(job_id)
+    stall_s = request.app[CONFIG].server.stream_stall_s
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await _prepare_unsized(response, request)
     try:
         for batch in joblog.event_batches(LOG_CHUNK_BYTES):  # what it holds now: a running job is not waited for
             lines = [data["line"] + "\n" for _, kind, data in batch if kind == "output"]
-            await response.write("".join(lines).encode())
+            async with asyncio.timeout(stall_s):  # a reader that takes nothing is cut off, as a stream's is
+                await response.write("".join(lines).encode())
             await asyncio.sleep(0)  # a long log must not hold the loop
-    except OSError:  # the log went (retention) while it was read: a cut body must not look whole
+    except OSError as exc:  # that, or the log went (retention) while it was read: a cut body must not look whole
+        if isinstance(exc, TimeoutError):
+            log.info("the log of job %s cut off: its reader took nothing for %g s", job_id, stall_s)
         if request.transport is not None:
             request.transport.abort()
         return response
@@ -238,7 +243,8 @@ async def projects(request: web.Request) -> web.Response:
 async def upload_project(request: web.Request) -> web.Response:
     """A zip, streamed to disk (never whole in memory, so `client_max_size` does not apply), then unpacked."""
     max_bytes = request.app[CONFIG].uploads.max_total_bytes
-    upload = await request.app[UPLOADS].receive(lambda path: spool(request, path, max_bytes))
+    stall_s = request.app[CONFIG].server.stream_stall_s
+    upload = await request.app[UPLOADS].receive(lambda path: spool(request, path, max_bytes, stall_s))
     return ok(upload.summary(), status=201)
 
 

@@ -68,6 +68,14 @@ class UnknownJob(NotFound):
         self.job_id = job_id
 
 
+class BodyStalled(UserError):
+    status = 408
+    code = "request_timeout"
+
+    def __init__(self, stall_s: float) -> None:
+        super().__init__(f"the request's body stalled: nothing came for {stall_s:g} s")
+
+
 class Conflict(UserError):
     status = 409
     code = "conflict"

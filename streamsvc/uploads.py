@@ -32,7 +32,7 @@ import zipfile
 import zlib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, BinaryIO, TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -44,6 +44,7 @@ from .errors import (
     ArchiveTooLarge,
     BadArchive,
     BadRequest,
+    BodyStalled,
     DuplicateEntry,
     EntryTooLarge,
     RatioTooHigh,
@@ -99,30 +100,43 @@ class Entry:
 # --- the request body -----------------------------------------------------------------------------------------------
 
 
-async def spool(request: web.Request, path: Path, max_bytes: int) -> int:
+_T = TypeVar("_T")
+
+
+async def received(read: Awaitable[_T], stall_s: float) -> _T:
+    """`read` (a read of the request's body), or `BodyStalled` if nothing came for `stall_s`:
+    a client that stops sending must not hold its request, or an upload's slot, for ever."""
+    try:
+        return await asyncio.wait_for(read, stall_s)
+    except TimeoutError:
+        raise BodyStalled(stall_s) from None
+
+
+async def spool(request: web.Request, path: Path, max_bytes: int, stall_s: float) -> int:
     """Write the zip in the request (an `application/zip` body, or the multipart field `file`) to the new
-    file `path`; its size. Over `max_bytes` is refused as soon as known, without reading the rest."""
+    file `path`; its size. Over `max_bytes` is refused as soon as known, without reading the rest; a body
+    that sends nothing for `stall_s`, when that is over."""
     length = request.content_length
     if request.content_type == "application/zip":
         if length is not None and length > max_bytes:
             raise _body_too_large(max_bytes)
-        return await _write(request.content.read, path, max_bytes)
+        return await _write(lambda size: received(request.content.read(size), stall_s), path, max_bytes)
     if request.content_type == "multipart/form-data":
         if length is not None and length > max_bytes + MULTIPART_SLACK_BYTES:
             raise _body_too_large(max_bytes)
-        return await _write_multipart(request, path, max_bytes)
+        return await _write_multipart(request, path, max_bytes, stall_s)
     raise UnsupportedMediaType("the body must be a zip: Content-Type application/zip, or multipart/form-data")
 
 
-async def _write_multipart(request: web.Request, path: Path, max_bytes: int) -> int:
+async def _write_multipart(request: web.Request, path: Path, max_bytes: int, stall_s: float) -> int:
     only = "the multipart body must hold one field, 'file' (the zip), and nothing else"
     try:
         reader = await request.multipart()
-        part = await reader.next()
+        part = await received(reader.next(), stall_s)
         if not isinstance(part, BodyPartReader) or part.name != "file":
             raise BadRequest(only)
-        size = await _write(part.read_chunk, path, max_bytes)
-        if await reader.next() is not None:
+        size = await _write(lambda size: received(part.read_chunk(size), stall_s), path, max_bytes)
+        if await received(reader.next(), stall_s) is not None:
             raise BadRequest(only)
     except (ValueError, LookupError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest(f"the multipart body is malformed: {str(exc)[:200]}") from None

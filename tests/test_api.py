@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import socket
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +23,7 @@ from conftest import (
     ConfigFactory,
     collect,
     data_of,
+    eventually,
     follow,
     get_data,
     job_of,
@@ -267,21 +270,40 @@ async def test_a_body_declared_over_the_size_limit_is_413_before_it_is_sent(
     """The answer comes from the declared length: a client that waits for it (`Expect:
     100-continue`, or one sending slowly) is not left waiting for a body it must not send."""
     client = await start(make_config({"hello": [PY, "hello.py"]}))
-    url = client.make_url("/")
-    reader, writer = await asyncio.open_connection(url.host, url.port)
-    try:
-        writer.write(
-            b"POST /api/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 10000000000\r\n\r\n" + b'{"toolId": "hello"'
-        )
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
-        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
-        body = json.loads(await asyncio.wait_for(reader.readexactly(length), BOUND_S))
-    finally:
-        writer.close()
+    head, body = await part_of_a_submit(client, 10_000_000_000)
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert body["error"]["code"] == "body_too_large", body
     assert await job_count(client) == 0
+
+
+async def test_a_body_that_stops_coming_is_408(make_config: ConfigFactory, start: ClientFactory) -> None:
+    """A client that stops sending does not hold its request open for ever."""
+    client = await start(make_config({"hello": [PY, "hello.py"]}, server={"stream_stall_s": 0.2}))
+    head, body = await part_of_a_submit(client, 100)
+    assert head.startswith(b"HTTP/1.1 408 "), head
+    assert body["error"] == {
+        "type": "user_error",
+        "code": "request_timeout",
+        "message": "the request's body stalled: nothing came for 0.2 s",
+    }
+    assert await job_count(client) == 0
+
+
+async def part_of_a_submit(client: Client, declared: int) -> tuple[bytes, Any]:
+    """Send a submit's head declaring `declared` body bytes, then only a few; the answer's
+    head and JSON body."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /api/execute HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+            + b'{"toolId": "hello"'
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
+        length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+        return head, json.loads(await asyncio.wait_for(reader.readexactly(length), BOUND_S))
+    finally:
+        writer.close()
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/xml", ""])
@@ -552,6 +574,26 @@ async def test_bad_list_queries_are_400(make_config: ConfigFactory, start: Clien
 
 
 # --- GET /api/jobs/{id}/log -------------------------------------------------------------
+
+
+async def test_a_log_reader_that_takes_nothing_is_cut_off(
+    make_config: ConfigFactory, start: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As a stream's is, after `stream_stall_s`: it cannot hold its request open for ever."""
+    caplog.set_level(logging.INFO, logger="streamsvc.api")
+    big_tool = [PY, "-c", "for i in range(100000): print(f'{i:08} ' + 'x' * 200)"]  # more than socket buffers hold
+    client = await start(make_config({"big": big_tool}, server={"stream_stall_s": 0.2}))
+    job_id = await submit(client, "big")
+    await follow(client, job_id)
+    reader, writer = await asyncio.open_connection(client.host, client.port, limit=1 << 16)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    writer.write(f"GET /api/jobs/{job_id}/log HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+    await eventually(lambda: f"the log of job {job_id} cut off" in caplog.text, "the reader is cut off")
+    raw = await asyncio.wait_for(reader.read(), BOUND_S)  # what was sent before: then the end
+    writer.close()
+    assert not raw.endswith(b"0\r\n\r\n")  # cut, not ended
+    assert len(raw) < 100000 * 209
 
 
 async def test_log_is_the_whole_output_interleaved_in_arrival_order(

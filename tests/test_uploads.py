@@ -396,6 +396,38 @@ async def test_a_declared_length_over_the_limit_is_refused_before_reading(config
     assert tree(data_dir(client)) == before
 
 
+async def test_uploads_whose_bodies_stop_coming_are_408_and_free_their_places(
+    config_of: Any, start: ClientFactory
+) -> None:
+    """Clients that stop sending cannot hold the places of the uploads allowed at once."""
+    client = await start(config_of(server={"stream_stall_s": 0.2}))
+    before = tree(data_dir(client))
+    multipart = "multipart/form-data; boundary=b"
+    stalled = [  # as many as are allowed at once
+        partial_upload(client, "application/zip", good_zip()[:10]),
+        partial_upload(client, multipart, b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nPK'),
+    ]
+    answers = [*await asyncio.gather(*stalled), await partial_upload(client, multipart, b"--b\r\n")]
+    for status, error in answers:  # (the last, not even a part's head)
+        assert status == 408 and error["code"] == "request_timeout", error
+    assert tree(data_dir(client)) == before
+    assert (await upload(client, good_zip()))["projectId"]
+
+
+async def partial_upload(client: Client, content_type: str, sent: bytes) -> tuple[int, Any]:
+    """An upload that declares 100,000 bytes and sends `sent`: the status and error of its answer."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        head = f"POST /api/projects HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        writer.write(f"{head}Content-Length: 100000\r\n\r\n".encode() + sent)
+        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
+        length = int(re.search(rb"(?i)content-length: (\d+)", status)[1])  # type: ignore[index]
+        body = json.loads(await asyncio.wait_for(reader.readexactly(length), BOUND_S))
+    finally:
+        writer.close()
+    return int(status.split()[1]), body["error"]
+
+
 async def test_an_endless_body_is_cut_off_at_the_limit(config_of: Any, start: ClientFactory) -> None:
     """A chunked body that never ends: 413 once past max_total_bytes, however much more would come."""
     client = await start(config_of(uploads={"max_total_bytes": MIB}))
