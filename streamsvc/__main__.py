@@ -16,6 +16,7 @@ from aiohttp import web
 from . import cli, logs
 from .app import create_app, server_options
 from .config import Config, ConfigError
+from .store import DataFolderInUse
 
 
 def load_config(path: str | None, host: str | None, port: int | None) -> Config:
@@ -78,6 +79,9 @@ def serve(args: argparse.Namespace) -> int:
         )
     except OSError as exc:
         print(f"streamsvc: cannot serve on {url}: {exc.strerror}", file=sys.stderr)
+        return 1
+    except DataFolderInUse as exc:
+        print(f"streamsvc: server.data_dir {exc}; stop it, or give this one a data_dir of its own", file=sys.stderr)
         return 1
     return 0
 

@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .pool import WorkerPool
 from .projects import Projects, UploadedProjects
 from .registry import SessionRegistry
-from .store import JobStore
+from .store import JobStore, data_folder_held
 from .webui import routes as page_routes
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
@@ -62,6 +62,7 @@ def create_app(config: Config) -> web.Application:
     metrics.watch(app[POOL], app[REGISTRY])
     app.add_routes(routes)
     app.add_routes(page_routes)
+    app.cleanup_ctx.append(_data_folder_lifetime)  # before anything reads or changes it
     app.cleanup_ctx.append(_uploads_lifetime)  # before the pool: a recovered job may run on an upload
     app.cleanup_ctx.append(_pool_lifetime)
     # after the pool: recovered jobs keep their projects
@@ -84,6 +85,11 @@ async def _pool_lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[POOL].stop()
     await app[STORE].settle()
     app[STORE].close()
+
+
+async def _data_folder_lifetime(app: web.Application) -> AsyncIterator[None]:
+    with data_folder_held(app[CONFIG].server.data_dir):
+        yield
 
 
 async def _uploads_lifetime(app: web.Application) -> AsyncIterator[None]:

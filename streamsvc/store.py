@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ MIN_FREE_BYTES = 64 * 1024
 MIN_FREE_INODES = 16
 #: the journal of job records, in `data_dir/jobs`
 JOURNAL = "records.jsonl"
+#: the file in `data_dir` a running service holds locked, with its pid in it
+LOCK_FILE = "streamsvc.lock"
 #: the journal is rewritten when it holds more lines than this many per job, plus the slack
 COMPACT_FACTOR = 4
 COMPACT_SLACK = 1000
@@ -41,6 +44,42 @@ COMPACT_BOUND_S = 30.0
 #: the most records kept for a compaction while its thread writes (~300 bytes each); past
 #: them, that compaction is given up and the old journal goes on
 COMPACT_BACKLOG = 100_000
+
+
+class DataFolderInUse(Exception):
+    """Another process holds the data folder."""
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        super().__init__(f"{folder} is in use by another streamsvc ({holder})")
+
+
+@contextlib.contextmanager
+def data_folder_held(folder: Path) -> Iterator[None]:
+    """Hold `folder` for this process while the block runs: `DataFolderInUse` if another
+    holds it. A second service on the same data would end the first one's running jobs as
+    lost, write into their logs and run its queued jobs again. The lock is the kernel's
+    (`flock`), so it goes with the process however it ends; its descriptor is not inherited,
+    and is read-only, so that the folder can still be remounted read-only under a running
+    service. A read-only folder with no lock file yet is served without one."""
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        log.warning("serving %s without holding it: %s", folder, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            raise DataFolderInUse(folder, f"pid {holder}" if holder.isdigit() else "its pid unknown") from None
+        with contextlib.suppress(OSError):  # (only a name for the message above)
+            path.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        os.close(fd)  # (the lock with it)
 
 
 class RecordJournal:

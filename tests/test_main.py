@@ -314,6 +314,36 @@ def released(pids: Path, gate: Path) -> Iterator[None]:
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+async def test_a_second_service_on_the_same_data_dir_exits_and_leaves_the_first_ones_jobs_alone(
+    tmp_path: Path, launch: Launch
+) -> None:
+    """Run twice from one folder, or restarted while the old one still runs: the second must
+    not end the first one's running job as lost, nor run its queued job a second time."""
+    path, pids, gate = hang_config(tmp_path)
+    with released(pids, gate):
+        server = await launch("--config", str(path), cwd=tmp_path)
+        async with session() as http:
+            await wait_ready(server, http)
+            job_id = await post_job(http, server, "hang", "p")
+            queued_id = await post_job(http, server, "hello", "p")  # one worker: it waits
+            async with http.get(f"{server.url}/api/stream/{job_id}") as response:
+                events: list[Event] = []
+                async for item in read_sse(response):
+                    if isinstance(item, Event):
+                        events.append(item)
+                        if item.event == "output":
+                            break
+                second = await asyncio.to_thread(run_cli, "--config", str(path), cwd=tmp_path)
+                assert_one_line_error(second, "data_dir", "in use", f"pid {server.proc.pid}")
+                gate.touch()
+                events += [item async for item in read_sse(response) if isinstance(item, Event)]
+            assert_numbered(events)
+            assert outputs(events) == ["started"] and events[-1].data["status"] == "completed"
+            assert await stream_of(http, server, job_id) == events  # its log holds that story alone
+            queued = await stream_of(http, server, queued_id)
+            assert outputs(queued) == ["hello"] and queued[-1].data["status"] == "completed"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_a_signal_ends_the_running_job_as_lost_on_its_stream_and_the_queued_job_runs_after_restart(
     tmp_path: Path, launch: Launch, signum: signal.Signals

@@ -89,10 +89,10 @@ async def test_open_streams_and_the_events_and_bytes_they_were_sent(
 
 
 async def test_metrics_need_no_token_and_two_services_never_mix(
-    make_config: ConfigFactory, start: ClientFactory
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
     first = await start(make_config({"ok": [PY, "hello.py"]}, server={"auth_token": "s3cret"}))
-    second = await start(make_config({"ok": [PY, "hello.py"]}))
+    second = await start(make_config({"ok": [PY, "hello.py"]}, server={"data_dir": str(tmp_path / "data-2")}))
     async with second.get(f"/api/stream/{await submit(second, 'ok')}") as response:
         await collect(response)
     assert value(await scrape(second), "streamsvc_jobs_submitted_total") == 1

@@ -719,7 +719,8 @@ async def test_lines_do_not_depend_on_where_a_read_ends(
             time.sleep(0.01)
         out.write({rest!r})
     """
-    client = await start(make_config({"t": py_tool(body, str(gate), max_line_bytes=100, timeout_s=BOUND_S)}))
+    tool = py_tool(body, str(gate), max_line_bytes=100, timeout_s=BOUND_S)
+    client = await start(make_config({"t": tool}, server={"data_dir": str(tmp_path / "data-2")}))  # beside the first
     job_id = await submit(client, "t")
 
     async def open_gate() -> None:
