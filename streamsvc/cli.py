@@ -132,6 +132,9 @@ async def _follow(client: Client, job_id: str, after: int, args: argparse.Namesp
     except Unreachable as exc:
         raise Unreachable(f"{exc.message}; {_resume(job_id, printer.last_id)}") from None
     end = printer.last
+    if end is not None and end.event == "error" and end.id is None:  # resumed past where the job ended
+        print(f"streamsvc: {end.data.get('message') if isinstance(end.data, dict) else end.data}", file=sys.stderr)
+        return EXIT_USAGE
     if end is not None and end.event == "complete" and isinstance(end.data, dict):
         result = end.data
     else:  # nothing after `after`, or an `error` (how logs written before 2026-12 end a lost job)

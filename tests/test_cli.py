@@ -430,6 +430,29 @@ async def test_watch_from_n_prints_only_the_lines_after_event_n(serve: Any) -> N
     assert (whole.code, whole.out, whole.err) == (0, "".join(f"line {i}\n" for i in range(5)), "")
 
 
+async def test_watch_from_past_where_a_running_job_ends_says_so_and_exits_2(serve: Any, tmp_path: Path) -> None:
+    """As it does for a finished job (a 409), once the job ends short of that event."""
+    server = await serve()
+    running = await start_cli("run", "resume", "proj", "--url", server.url)
+    job_id = await running.job_id()
+    assert [await running.stdout_line() for _ in range(4)][-1] == "waiting"
+    watcher = await start_cli("watch", job_id, "--from", "500", "--url", server.url)
+    async with asyncio.timeout(BOUND_S):  # until the watcher follows the running job, beside `run`
+        while await streams_open(server) != 2:  # noqa: ASYNC110 - a count the server shows, no event
+            await asyncio.sleep(0.01)
+    (tmp_path / "open").touch()
+    assert (await running.finish()).code == 0
+    done = await watcher.finish()
+    assert (done.code, done.out) == (2, ""), done
+    assert "Last-Event-ID 500 is past the job's last event" in done.err, done
+
+
+async def streams_open(server: Server) -> int:
+    async with session() as http, http.get(f"{server.url}/metrics") as response:
+        text = await response.text()
+    return int(float(re.search(r"^streamsvc_streams_open (\S+)$", text, re.MULTILINE)[1]))  # type: ignore[index]
+
+
 # --- listings --------------------------------------------------------------------------------
 
 
