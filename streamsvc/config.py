@@ -37,6 +37,9 @@ def _within(low: float, high: float, *, above: bool = False) -> Any:
     return check
 
 
+#: the longest `heartbeat_s`: half the 60 s of silence after which the CLI (`client.GIVE_UP_S`),
+#: and proxies by default (nginx's `proxy_read_timeout`), give a stream up
+MAX_HEARTBEAT_S = 30.0
 _count = _within(1, MAX_INT)
 _size = _within(0, MAX_INT)
 _seconds = _within(0, MAX_SECONDS, above=True)
@@ -88,7 +91,8 @@ class Limits:
     max_output_bytes: int = field(default=10 * 1024 * 1024, validator=_count)
     max_line_bytes: int = field(default=65536, validator=_within(16, MAX_INT))
     max_result_lines: int = field(default=10000, validator=_size)
-    heartbeat_s: float = field(default=15.0, validator=_seconds)
+    #: at most MAX_HEARTBEAT_S: clients and proxies give up on a stream silent for 60 s
+    heartbeat_s: float = field(default=15.0, validator=_within(0, MAX_HEARTBEAT_S, above=True))
     max_memory_bytes: int = field(default=2 * 1024**3, validator=_within(1024 * 1024, MAX_INT))
     max_processes: int = field(default=256, validator=_count)
     max_cpu_s: int = field(default=600, validator=_count)

@@ -278,6 +278,8 @@ def test_missing_argv_is_named(tmp_path: Path) -> None:
         ("[limits]\nkill_grace_s = -1\n", "limits.kill_grace_s"),
         ("[limits]\nmax_line_bytes = 1\n", "limits.max_line_bytes"),
         ("[limits]\nheartbeat_s = 0\n", "limits.heartbeat_s"),
+        ("[limits]\nheartbeat_s = 31\n", "limits.heartbeat_s"),
+        (TOOL + "heartbeat_s = 100\n", "tools.t.heartbeat_s"),
         ("[limits]\nmax_processes = 0\n", "limits.max_processes"),
         ("[server]\nport = 70000\n", "server.port"),
         ("[server]\nport = -1\n", "server.port"),
