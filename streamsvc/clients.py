@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from aiohttp import web
 
@@ -15,7 +15,8 @@ from .config import ClientsConfig
 from .errors import UserError
 
 HOUR_S = 3600.0
-#: beyond this many clients with a submission window, idle windows are dropped
+#: at most this many clients' submission windows are kept: beyond them the oldest is dropped
+#: (that client starts afresh), as is every window idle for an hour
 MAX_TRACKED_CLIENTS = 10_000
 
 
@@ -44,7 +45,8 @@ class ClientQuotas:
     def __init__(self, config: ClientsConfig) -> None:
         self.config = config
         self._active: dict[str, int] = {}
-        self._recent: dict[str, deque[float]] = {}
+        #: each client's submissions in the last hour, the client that submitted last at the end
+        self._recent: OrderedDict[str, deque[float]] = OrderedDict()
 
     def admit(self, client: str) -> None:
         """Count a new job of `client`, or raise `TooManyJobs` (counting nothing)."""
@@ -52,8 +54,6 @@ class ClientQuotas:
         if max_active and self._active.get(client, 0) >= max_active:
             raise TooManyJobs(f"at most {max_active} queued or running jobs per client", retry_after_s=5)
         now = time.monotonic()
-        if len(self._recent) > MAX_TRACKED_CLIENTS:
-            self._forget_idle(now)
         if max_per_hour:
             recent = self._recent.setdefault(client, deque(maxlen=max_per_hour))
             while recent and now - recent[0] >= HOUR_S:
@@ -62,11 +62,17 @@ class ClientQuotas:
                 wait_s = math.ceil(HOUR_S - (now - recent[0]))
                 raise TooManyJobs(f"at most {max_per_hour} jobs per client and hour", retry_after_s=wait_s)
             recent.append(now)
+            self._recent.move_to_end(client)
+            self._forget(now)
         self.hold(client)
 
-    def _forget_idle(self, now: float) -> None:
-        """Drop the windows of clients whose last submission is over an hour old."""
-        for client in [c for c, recent in self._recent.items() if not recent or now - recent[-1] >= HOUR_S]:
+    def _forget(self, now: float) -> None:
+        """Drop the windows idle for an hour, and the oldest beyond MAX_TRACKED_CLIENTS: from
+        the front, where the clients that submitted longest ago are, looking at no other."""
+        while self._recent:
+            client, recent = next(iter(self._recent.items()))
+            if len(self._recent) <= MAX_TRACKED_CLIENTS and recent and now - recent[-1] < HOUR_S:
+                return
             del self._recent[client]
 
     def hold(self, client: str) -> None:

@@ -10,7 +10,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import PY, ClientFactory, ConfigFactory, follow, submit
 
+from streamsvc import clients as clients_module
 from streamsvc.app import create_app, server_options
+from streamsvc.clients import ClientQuotas, TooManyJobs
+from streamsvc.config import ClientsConfig
 
 
 async def post(client: Any, tool: str, **headers: str) -> Any:
@@ -57,6 +60,21 @@ async def test_the_hourly_limit_counts_submissions(make_config: ConfigFactory, s
     assert refused.status == 429
     assert 0 < int(refused.headers["Retry-After"]) <= 3600
     assert "per client and hour" in (await refused.json())["error"]["message"]
+
+
+def test_submission_windows_are_bounded_the_oldest_dropped_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many addresses in one hour (IPv6, or a forwarded header) cannot grow the windows, or
+    the work of an admission, without bound."""
+    monkeypatch.setattr(clients_module, "MAX_TRACKED_CLIENTS", 3)
+    quotas = ClientQuotas(ClientsConfig(max_per_hour=1))
+    for client in ("a", "b", "c", "d", "e"):
+        quotas.admit(client)
+        quotas.release(client)
+    assert list(quotas._recent) == ["c", "d", "e"]
+    with pytest.raises(TooManyJobs):
+        quotas.admit("e")  # still within its hour
+    quotas.admit("a")  # dropped: it starts afresh
+    assert list(quotas._recent) == ["d", "e", "a"]
 
 
 @pytest.mark.parametrize("trusted", [True, False])
