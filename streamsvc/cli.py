@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from .client import Client, ClientError, Event, Unreachable
 
@@ -48,7 +49,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("STREAMSVC_URL") or DEFAULT_URL, type=_url,
                         help=f"the service (default: $STREAMSVC_URL, else {DEFAULT_URL})")  # fmt: skip
-    common.add_argument("--token", default=os.environ.get("STREAMSVC_TOKEN") or None,
+    common.add_argument("--token", default=os.environ.get("STREAMSVC_TOKEN") or None, type=_token,
                         help="bearer token (default: $STREAMSVC_TOKEN)")  # fmt: skip
 
     def add(name: str, handler: Handler, help: str, json_help: str) -> argparse.ArgumentParser:
@@ -335,6 +336,17 @@ def _count(value: str) -> int:
 
 
 def _url(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - checks it: out of range is a ValueError
+    except ValueError as exc:  # a bad port or IPv6 address
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r} ({exc})") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
         raise argparse.ArgumentTypeError(f"not an http(s) URL: {value!r}")
+    return value
+
+
+def _token(value: str) -> str:
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError("the token holds a control character (a newline read with it from a file?)")
     return value

@@ -240,7 +240,7 @@ class WorkerPool:
         self.metrics.finished(job)
         fields = {"jobId": job.job_id, "status": job.status.value, "exitCode": job.exit_code, "signal": job.signal}
         log.info(
-            "job %s %s: exit=%s signal=%s duration=%sms error=%s",
+            "job %s %s: exit=%s signal=%s duration_ms=%s error=%s",
             job.job_id,
             job.status.value,
             job.exit_code,
