@@ -693,6 +693,10 @@ def test_with_a_token_the_page_asks_for_it_then_works(tmp_path: Path, open_page:
         page.reload()
         expect(log_lines(page)).to_have_text(["hello", "world"])
         expect(page.locator("#notice")).to_be_hidden()
+        # a token that is kept but no longer right is not taken for a missing one
+        page.evaluate("localStorage.setItem('streamsvc.token', 'an old token')")
+        page.reload()
+        expect(page.locator("#notice")).to_contain_text("refused the saved access token")
     finally:
         server.stop()
 

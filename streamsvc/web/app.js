@@ -96,7 +96,9 @@
   }
 
   function askForToken() {
-    notify("This service needs an access token. Enter it under “Access token” at the top of the page.");
+    notify(token()
+      ? "The service refused the saved access token. Enter the right one under “Access token” at the top of the page."
+      : "This service needs an access token. Enter it under “Access token” at the top of the page.");
     $("token-box").open = true;
     $("token").focus();
   }
