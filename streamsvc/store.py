@@ -443,7 +443,10 @@ class JobStore:
         """A job's log for a handler: a large file is indexed off the event loop."""
         if cached := self._cached_log(job_id):
             return cached
-        joblog = await asyncio.to_thread(JobLog.load, self._log_path(job_id))
+        try:
+            joblog = await asyncio.to_thread(JobLog.load, self._log_path(job_id))
+        except OSError as exc:  # a failing disk, or a file that is not one: the envelope says so
+            raise StorageError(f"cannot read the job's log: {exc.strerror or exc}") from None
         self.get(job_id)  # it may have been removed meanwhile
         return self._cached_log(job_id) or self._adopt(job_id, joblog)
 

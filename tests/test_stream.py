@@ -199,6 +199,25 @@ async def test_a_log_removed_by_retention_while_read_cuts_the_connection_not_the
         assert b"HTTP/1.1 500" not in raw
 
 
+async def test_a_log_that_cannot_be_read_is_a_503_not_a_500(
+    make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
+) -> None:
+    config = make_config({"hello": [PY, "hello.py"]})
+    client = await start(config)
+    job_id = await submit(client, "hello")
+    await follow(client, job_id)
+    await client.close()  # the next service has the log in no cache: it reads the file
+    log_file = tmp_path / "data" / "jobs" / f"{job_id}.log"
+    log_file.unlink()
+    log_file.mkdir()  # no file to read, as on a failing disk
+    again = await start(config)
+    for path in (f"/api/stream/{job_id}", f"/api/jobs/{job_id}/log"):
+        response = await again.get(path)
+        assert response.status == 503, await response.text()
+        error = (await response.json())["error"]
+        assert error["code"] == "storage_unavailable" and "cannot read the job's log" in error["message"], error
+
+
 async def test_live_subscriber_sees_lines_before_the_job_ends(
     make_config: ConfigFactory, start: ClientFactory, tmp_path: Path
 ) -> None:
