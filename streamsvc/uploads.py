@@ -107,7 +107,8 @@ async def received(read: Awaitable[_T], stall_s: float) -> _T:
     """`read` (a read of the request's body), or `BodyStalled` if nothing came for `stall_s`:
     a client that stops sending must not hold its request, or an upload's slot, for ever."""
     try:
-        return await asyncio.wait_for(read, stall_s)
+        async with asyncio.timeout(stall_s):
+            return await read
     except TimeoutError:
         raise BodyStalled(stall_s) from None
 
