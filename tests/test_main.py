@@ -278,6 +278,17 @@ HANG = """
 """
 
 
+async def through_first_output(response: aiohttp.ClientResponse) -> list[Event]:
+    """A stream's events up to and with its first `output`."""
+    events: list[Event] = []
+    async for item in read_sse(response):
+        if isinstance(item, Event):
+            events.append(item)
+            if item.event == "output":
+                break
+    return events
+
+
 def hang_config(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The config (tools `hang` and `hello` on project `p`, one worker), the pid folder and the gate."""
     pids, gate = tmp_path / "pids", tmp_path / "gate"
@@ -327,12 +338,7 @@ async def test_a_second_service_on_the_same_data_dir_exits_and_leaves_the_first_
             job_id = await post_job(http, server, "hang", "p")
             queued_id = await post_job(http, server, "hello", "p")  # one worker: it waits
             async with http.get(f"{server.url}/api/stream/{job_id}") as response:
-                events: list[Event] = []
-                async for item in read_sse(response):
-                    if isinstance(item, Event):
-                        events.append(item)
-                        if item.event == "output":
-                            break
+                events = await through_first_output(response)
                 second = await asyncio.to_thread(run_cli, "--config", str(path), cwd=tmp_path)
                 assert_one_line_error(second, "data_dir", "in use", f"pid {server.proc.pid}")
                 gate.touch()
@@ -360,12 +366,7 @@ async def test_a_signal_ends_the_running_job_as_lost_on_its_stream_and_the_queue
                 http.get(f"{server.url}/api/stream/{queued_id}") as queued_response,
             ):
                 assert response.status == queued_response.status == 200
-                events: list[Event] = []
-                async for item in read_sse(response):
-                    if isinstance(item, Event):
-                        events.append(item)
-                        if item.event == "output":
-                            break
+                events = await through_first_output(response)
                 assert outputs(events) == ["started"]
                 tool_pid = int((pids / "tool.pid").read_text())
                 grandchild_pid = int((pids / "grandchild.pid").read_text())
