@@ -34,7 +34,8 @@ exit status:
   N      the tool's exit status (0: completed)
   128+N  a signal N killed the tool
   {EXIT_TIMEOUT}    the job timed out
-  {EXIT_CANCELLED}    the job was cancelled (Ctrl-C during run cancels it; a second Ctrl-C quits at once)
+  {EXIT_CANCELLED}    the job was cancelled (Ctrl-C during run cancels it; a second Ctrl-C, or SIGTERM,
+         quits at once)
   {EXIT_LOST}     the job was lost (the service stopped while it ran)
   {EXIT_FAILED}      the job failed without an exit status (e.g. the output cap stopped it)
   {EXIT_USAGE}      bad input: arguments, unknown tool, project or job
@@ -199,7 +200,9 @@ class Printer:
 
 class CtrlC:
     """Ctrl-C while a job is followed. With `cancel_job`, the first cancels the job and following
-    goes on to its end; otherwise, or at a second Ctrl-C, the command ends at once (exit 130)."""
+    goes on to its end; otherwise, or at a second Ctrl-C, the command ends at once (exit 130).
+    SIGTERM (a CI's cancel, `timeout`) ends it at once too, after cancelling the job with
+    `cancel_job`: a `run` that is told to stop does not leave its job running."""
 
     def __init__(self, client: Client, *, cancel_job: bool) -> None:
         self.client = client
@@ -213,10 +216,12 @@ class CtrlC:
         loop = asyncio.get_running_loop()
         self._work = asyncio.create_task(work)
         loop.add_signal_handler(signal.SIGINT, self._pressed)
+        loop.add_signal_handler(signal.SIGTERM, self._terminated)
         try:
             await asyncio.wait({self._work})
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
             self._work.cancel()
             if self._cancel is not None:  # a cancel request on its way gets a moment to land
                 await asyncio.wait({self._cancel}, timeout=CANCEL_BOUND_S)
@@ -237,6 +242,12 @@ class CtrlC:
             print("streamsvc: cancelling the job (Ctrl-C again to quit without waiting)", file=sys.stderr, flush=True)
             if self.job_id is not None:
                 self._cancel = asyncio.create_task(self._cancel_job(self.job_id))
+
+    def _terminated(self) -> None:
+        if self.cancel_job and self.job_id is not None and self._cancel is None:
+            self._cancel = asyncio.create_task(self._cancel_job(self.job_id))
+        if self._work is not None:
+            self._work.cancel()
 
     async def _cancel_job(self, job_id: str) -> None:
         try:

@@ -275,6 +275,20 @@ async def test_ctrl_c_cancels_the_job_follows_it_to_its_end_and_exits_130(serve:
     assert done.err_lines[-1] == f"streamsvc: job {job_id} cancelled: cancelled while running"
 
 
+async def test_sigterm_cancels_the_job_and_quits_at_once(serve: Any, tmp_path: Path) -> None:
+    """A CI's cancel, or `timeout`: the job must not run on without its client."""
+    server = await serve()
+    running = await start_cli("run", "stubborn", "proj", "--url", server.url)
+    job_id = await running.job_id()
+    assert await running.stdout_line() == "waiting"
+    running.proc.send_signal(signal.SIGTERM)
+    done = await running.finish()
+    assert done.code == 130, done
+    assert "Traceback" not in done.err
+    (tmp_path / "open").touch()  # the tool ignores SIGTERM: it ends by itself, the cancel had landed
+    await eventually_status(server, job_id, "cancelled")
+
+
 async def test_a_second_ctrl_c_quits_at_once_after_the_cancel_was_sent(serve: Any, tmp_path: Path) -> None:
     server = await serve()
     running = await start_cli("run", "stubborn", "proj", "--url", server.url)
