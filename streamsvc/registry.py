@@ -125,7 +125,9 @@ class Session(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self.writing_since = None
-        self._pump()
+        # not from inside the transport's own write path: a pump that ends the stream there
+        # (its last write, then a close) would have asyncio call connection_lost twice
+        asyncio.get_running_loop().call_soon(self._pump)
 
     def data_received(self, data: bytes) -> None:
         pass  # a subscriber has nothing more to say; what it sends is dropped

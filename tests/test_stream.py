@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 
+import pytest
 from conftest import (
     BOUND_S,
     PY,
@@ -172,7 +174,7 @@ async def test_a_streams_connection_ends_with_it_as_its_head_says(
 
 
 async def test_a_log_removed_by_retention_while_read_cuts_the_connection_not_the_body(
-    make_config: ConfigFactory, start: ClientFactory
+    make_config: ConfigFactory, start: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The text log and a stream of a job retention removes mid-read end as broken
     connections: a cut body never looks whole (and never carries a second response)."""
@@ -197,6 +199,7 @@ async def test_a_log_removed_by_retention_while_read_cuts_the_connection_not_the
         writer.close()
         assert not raw.endswith(b"0\r\n\r\n"), raw[-200:]  # no last chunk: the client sees the cut
         assert b"HTTP/1.1 500" not in raw
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # and nothing went wrong
 
 
 async def test_a_log_that_cannot_be_read_is_a_503_not_a_500(
@@ -381,7 +384,7 @@ async def test_disconnect_releases_the_session(
 
 
 async def test_a_subscriber_that_reads_nothing_slows_no_one_and_catches_up_later(
-    make_config: ConfigFactory, start: ClientFactory
+    make_config: ConfigFactory, start: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     script = "import sys\nfor i in range(60000): sys.stdout.write(f'{i:08d} ' + 'x' * 90 + '\\n')"
     client = await start(make_config({"flood": [PY, "-c", script]}))
@@ -404,9 +407,11 @@ async def test_a_subscriber_that_reads_nothing_slows_no_one_and_catches_up_later
         chunk = await reader.read(1 << 16)
         assert chunk, "connection closed before the end"
         body += chunk
+    assert await asyncio.wait_for(reader.read(), BOUND_S) == b""  # then the service closes it ...
     writer.close()
     assert body.count(b"event: output") == 60000
     assert b'"line":"00059999 ' in body
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]  # ... cleanly
 
 
 async def test_live_bytes_on_the_wire_equal_a_replay_in_http_1_1_and_1_0(
