@@ -136,7 +136,9 @@ class Run:
         either: set[asyncio.Future[Any]] = {exited, stopped}
         try:
             await asyncio.wait(either, timeout=self.spec.limits.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if exited.done():
+            if exited.done():  # by itself: a stop asked meanwhile, never acted on, changes nothing
+                if self._stop is not None and self._stop.status is not JobStatus.FAILED:
+                    self._stop = None
                 return
             self.stop(JobStatus.TIMEOUT, f"timed out after {self.spec.limits.timeout_s:g} s")
             _signal_group(pid, signal.SIGTERM)

@@ -41,7 +41,10 @@ from conftest import (
 )
 
 from streamsvc import sandbox as sandbox_module
-from streamsvc.runner import PIPE_READ_BYTES
+from streamsvc.config import Limits
+from streamsvc.models import JobStatus
+from streamsvc.runner import PIPE_READ_BYTES, Run, RunSpec
+from streamsvc.sandbox import Sandbox
 
 #: an argument of every process the tests start on purpose, so teardown never kills a reused pid
 MARKER = "streamsvc-test-sleeper"
@@ -630,6 +633,29 @@ async def test_a_cancelled_tools_children_get_the_whole_grace_even_when_the_tool
     assert done.lines[-2:] == ["child cleaning", "child cleaned"], done.lines  # not cut short by a SIGKILL
     assert done.result["status"] == "cancelled"
     await assert_gone(reaper.track(done.pid("tool")))
+
+
+async def test_a_cancel_that_lands_after_the_tool_ended_by_itself_changes_nothing(tmp_path: Path) -> None:
+    """The tool has exited, and the service has not yet seen it, when the cancel comes: it
+    never signalled the tool, so the job ends as the tool did (completed, exit 0), not as
+    cancelled with an exit status of 0."""
+    gate = tmp_path / "gate"
+    body = f"import os, time\nprint(os.getpid(), flush=True)\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)"
+    sandbox = Sandbox.detect("")
+    run: Run | None = None
+
+    def sink(stream: str, lines: list[str]) -> None:
+        assert run is not None
+        gate.touch()  # the tool ends ...
+        os.waitid(os.P_PID, int(lines[0]), os.WEXITED | os.WNOWAIT)  # ... and has, before the loop goes on ...
+        run.stop(JobStatus.CANCELLED, "cancelled while running")  # ... when the cancel comes
+
+    try:
+        run = Run(RunSpec((PY, "-c", body), tmp_path, RunSpec.clean_env({}), Limits()), sandbox, sink)
+        outcome = await asyncio.wait_for(run.execute(), BOUND_S)
+    finally:
+        sandbox.close()
+    assert (outcome.status, outcome.exit_code, outcome.signal) == (JobStatus.COMPLETED, 0, None)
 
 
 # --- how output becomes lines -----------------------------------------------------------
