@@ -246,9 +246,7 @@ async def test_a_tool_killed_by_a_signal_exits_128_plus_its_number(serve: Any) -
 
 async def test_cancel_from_another_client_ends_run_with_130(serve: Any) -> None:
     server = await serve()
-    running = await start_cli("run", "gate", "proj", "--url", server.url)
-    job_id = await running.job_id()
-    assert await running.stdout_line() == "waiting"
+    running, job_id = await run_until_waiting(server, "gate")
     cancel = await cli("cancel", job_id, "--url", server.url)
     assert cancel.code == 0, cancel
     assert cancel.out.startswith(f"job {job_id}: cancel")
@@ -261,11 +259,17 @@ async def test_cancel_from_another_client_ends_run_with_130(serve: Any) -> None:
     assert "already finished" in again.err
 
 
-async def test_ctrl_c_cancels_the_job_follows_it_to_its_end_and_exits_130(serve: Any) -> None:
-    server = await serve()
-    running = await start_cli("run", "gate", "proj", "--url", server.url)
+async def run_until_waiting(server: Server, tool: str) -> tuple[Running, str]:
+    """`run` of `tool` (one that prints "waiting", then waits), once its tool waits; its job id."""
+    running = await start_cli("run", tool, "proj", "--url", server.url)
     job_id = await running.job_id()
     assert await running.stdout_line() == "waiting"
+    return running, job_id
+
+
+async def test_ctrl_c_cancels_the_job_follows_it_to_its_end_and_exits_130(serve: Any) -> None:
+    server = await serve()
+    running, job_id = await run_until_waiting(server, "gate")
     running.proc.send_signal(signal.SIGINT)
     done = await running.finish()
     assert done.code == 130, done
@@ -278,9 +282,7 @@ async def test_ctrl_c_cancels_the_job_follows_it_to_its_end_and_exits_130(serve:
 async def test_sigterm_cancels_the_job_and_quits_at_once(serve: Any, tmp_path: Path) -> None:
     """A CI's cancel, or `timeout`: the job must not run on without its client."""
     server = await serve()
-    running = await start_cli("run", "stubborn", "proj", "--url", server.url)
-    job_id = await running.job_id()
-    assert await running.stdout_line() == "waiting"
+    running, job_id = await run_until_waiting(server, "stubborn")
     running.proc.send_signal(signal.SIGTERM)
     done = await running.finish()
     assert done.code == 130, done
@@ -291,9 +293,7 @@ async def test_sigterm_cancels_the_job_and_quits_at_once(serve: Any, tmp_path: P
 
 async def test_a_second_ctrl_c_quits_at_once_after_the_cancel_was_sent(serve: Any, tmp_path: Path) -> None:
     server = await serve()
-    running = await start_cli("run", "stubborn", "proj", "--url", server.url)
-    job_id = await running.job_id()
-    assert await running.stdout_line() == "waiting"
+    running, job_id = await run_until_waiting(server, "stubborn")
     running.proc.send_signal(signal.SIGINT)
     assert (await running.stderr_line()).startswith("streamsvc: cancelling the job")
     running.proc.send_signal(signal.SIGINT)
@@ -309,9 +309,7 @@ async def test_run_of_a_job_the_stopping_service_loses_exits_75_and_run_of_a_que
     serve: Any, tmp_path: Path
 ) -> None:
     server = await serve(workers=1)
-    running = await start_cli("run", "gate", "proj", "--url", server.url)
-    job_id = await running.job_id()
-    assert await running.stdout_line() == "waiting"
+    running, job_id = await run_until_waiting(server, "gate")
     queued = await start_cli("run", "hello", "proj", "--url", server.url)  # one worker: it waits
     await queued.job_id()
     server.proc.send_signal(signal.SIGTERM)
